@@ -1,0 +1,120 @@
+"""Reflow: durable workflow execution for Python.
+
+The one import users and adapter authors need::
+
+    from reflow_core import Workflow, Engine, StepContext, RetryPolicy, open_storage
+"""
+
+from __future__ import annotations
+
+from reflow_core.errors import (
+    AdapterConflictError,
+    AdapterError,
+    AdapterNotFoundError,
+    ConfigError,
+    ControlFlow,
+    DuplicateStepError,
+    DuplicateWorkflowError,
+    EngineStoppedError,
+    HookError,
+    IdempotencyConflictError,
+    LeaseExpiredError,
+    ReflowError,
+    RunCancelledError,
+    SerializationError,
+    StepFailedError,
+    StepTimeoutError,
+    StorageError,
+    ValidationError,
+    WaitTimeoutError,
+    WorkflowNotFoundError,
+)
+from reflow_core.events import (
+    EngineEvent,
+    RunCompleted,
+    RunFailed,
+    RunStarted,
+    StepCompleted,
+    StepSkipped,
+    StepStarted,
+)
+from reflow_core.hookspecs import hookimpl
+from reflow_core.registry import (
+    AdapterSpec,
+    Capability,
+    adapter_specs,
+    get_adapter,
+    open_storage,
+    register_adapter,
+)
+from reflow_core.storage import Clock, StorageAdapter, WorkNotifier, system_clock
+from reflow_core.types import (
+    ClaimedRun,
+    ClaimedSchedule,
+    CreateRunResult,
+    ErrorInfo,
+    EventRecord,
+    Recurrence,
+    RunFilter,
+    RunStatus,
+    Schedule,
+    StepResult,
+    StepStatus,
+    WorkflowRun,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConflictError",
+    "AdapterError",
+    "AdapterNotFoundError",
+    "AdapterSpec",
+    "Capability",
+    "ClaimedRun",
+    "ClaimedSchedule",
+    "Clock",
+    "ConfigError",
+    "ControlFlow",
+    "CreateRunResult",
+    "DuplicateStepError",
+    "DuplicateWorkflowError",
+    "EngineEvent",
+    "EngineStoppedError",
+    "ErrorInfo",
+    "EventRecord",
+    "HookError",
+    "IdempotencyConflictError",
+    "LeaseExpiredError",
+    "Recurrence",
+    "ReflowError",
+    "RunCancelledError",
+    "RunCompleted",
+    "RunFailed",
+    "RunFilter",
+    "RunStarted",
+    "RunStatus",
+    "Schedule",
+    "SerializationError",
+    "StepCompleted",
+    "StepFailedError",
+    "StepResult",
+    "StepSkipped",
+    "StepStarted",
+    "StepStatus",
+    "StepTimeoutError",
+    "StorageAdapter",
+    "StorageError",
+    "ValidationError",
+    "WaitTimeoutError",
+    "WorkNotifier",
+    "WorkflowNotFoundError",
+    "WorkflowRun",
+    "__version__",
+    "adapter_specs",
+    "get_adapter",
+    "hookimpl",
+    "open_storage",
+    "register_adapter",
+    "system_clock",
+]

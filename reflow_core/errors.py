@@ -1,0 +1,227 @@
+"""Every error Reflow raises, under one root.
+
+Each class carries a stable ``code`` string that callers may match on; the text
+says what happened, to what, and what to do about it. The tree::
+
+    ReflowError
+    ├── ConfigError                  CONFIG             bad option or definition
+    │   ├── DuplicateStepError       DUPLICATE_STEP
+    │   └── DuplicateWorkflowError   DUPLICATE_WORKFLOW
+    ├── ValidationError              VALIDATION         input or payload has the wrong shape
+    ├── SerializationError           SERIALIZATION      value is not persistable (carries .path)
+    ├── WorkflowNotFoundError        WORKFLOW_NOT_FOUND
+    ├── IdempotencyConflictError     IDEMPOTENCY_CONFLICT
+    ├── AdapterError                 ADAPTER            adapter discovery and registration
+    │   ├── AdapterNotFoundError     ADAPTER_NOT_FOUND
+    │   └── AdapterConflictError     ADAPTER_CONFLICT
+    ├── StorageError                 STORAGE            a driver failed (its error is __cause__)
+    ├── StepTimeoutError             STEP_TIMEOUT
+    ├── StepFailedError              STEP_FAILED
+    ├── WaitTimeoutError             WAIT_TIMEOUT
+    ├── HookError                    HOOK               a hook or on-failure handler raised
+    └── ControlFlow                  (never a run's failure: the run is left to its owner)
+        ├── LeaseExpiredError        LEASE_EXPIRED
+        ├── RunCancelledError        RUN_CANCELLED
+        └── EngineStoppedError       ENGINE_STOPPED
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "AdapterConflictError",
+    "AdapterError",
+    "AdapterNotFoundError",
+    "ConfigError",
+    "ControlFlow",
+    "DuplicateStepError",
+    "DuplicateWorkflowError",
+    "EngineStoppedError",
+    "HookError",
+    "IdempotencyConflictError",
+    "LeaseExpiredError",
+    "ReflowError",
+    "RunCancelledError",
+    "SerializationError",
+    "StepFailedError",
+    "StepTimeoutError",
+    "StorageError",
+    "ValidationError",
+    "WaitTimeoutError",
+    "WorkflowNotFoundError",
+]
+
+
+class ReflowError(Exception):
+    """Root of every error raised by Reflow; ``code`` is stable across releases."""
+
+    code: ClassVar[str] = "REFLOW"
+
+
+class ConfigError(ReflowError):
+    """An option, a definition or an argument is invalid. Fix the call named in the text."""
+
+    code = "CONFIG"
+
+
+class DuplicateStepError(ConfigError):
+    """Two units of one workflow share a name; names key checkpoints, so they must be unique."""
+
+    code = "DUPLICATE_STEP"
+
+
+class DuplicateWorkflowError(ConfigError):
+    """Two workflows registered on one engine share a name."""
+
+    code = "DUPLICATE_WORKFLOW"
+
+
+class ValidationError(ReflowError):
+    """A run input or event payload does not match its declared type."""
+
+    code = "VALIDATION"
+
+
+class SerializationError(ReflowError):
+    """A value cannot be persisted exactly; nothing was written.
+
+    ``path`` locates the offending part in JSONPath-like form, e.g. ``$.items[2].price``.
+    """
+
+    code = "SERIALIZATION"
+
+    def __init__(self, message: str, path: str = "$") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class WorkflowNotFoundError(ReflowError):
+    """No workflow of that name is registered on this engine."""
+
+    code = "WORKFLOW_NOT_FOUND"
+
+    def __init__(self, name: str, known: list[str] | None = None) -> None:
+        known_text = ", ".join(sorted(known)) if known else "none"
+        super().__init__(
+            f"workflow {name!r} is not registered on this engine (registered: {known_text}); "
+            "pass it to Engine(workflows=[...])"
+        )
+        self.workflow = name
+
+
+class IdempotencyConflictError(ReflowError):
+    """An idempotency key was reused with a different input for the same workflow."""
+
+    code = "IDEMPOTENCY_CONFLICT"
+
+    def __init__(self, workflow: str, key: str, run_id: str) -> None:
+        super().__init__(
+            f"idempotency key {key!r} of workflow {workflow!r} already names run {run_id} "
+            "with a different input; use a new key or the same input"
+        )
+        self.workflow = workflow
+        self.key = key
+        self.run_id = run_id
+
+
+class AdapterError(ReflowError):
+    """A storage adapter could not be found, loaded or registered."""
+
+    code = "ADAPTER"
+
+
+class AdapterNotFoundError(AdapterError):
+    """No installed adapter has that name or serves that URL scheme."""
+
+    code = "ADAPTER_NOT_FOUND"
+
+
+class AdapterConflictError(AdapterError):
+    """Two installed adapters claim the same name or scheme."""
+
+    code = "ADAPTER_CONFLICT"
+
+
+class StorageError(ReflowError):
+    """The storage driver failed during ``operation``; the driver's exception is ``__cause__``."""
+
+    code = "STORAGE"
+
+    def __init__(self, operation: str, message: str) -> None:
+        super().__init__(f"storage operation {operation} failed: {message}")
+        self.operation = operation
+
+
+class StepTimeoutError(ReflowError):
+    """One attempt of a step ran longer than its timeout."""
+
+    code = "STEP_TIMEOUT"
+
+    def __init__(self, step: str, timeout_s: float) -> None:
+        super().__init__(f"step {step!r} attempt exceeded its timeout of {timeout_s:g}s")
+        self.step = step
+        self.timeout_s = timeout_s
+
+
+class StepFailedError(ReflowError):
+    """A step failed without an exception of its own to report (e.g. aborted before any attempt)."""
+
+    code = "STEP_FAILED"
+
+
+class WaitTimeoutError(ReflowError):
+    """No event of the awaited name arrived before the wait's deadline."""
+
+    code = "WAIT_TIMEOUT"
+
+    def __init__(self, event: str, timeout_s: float) -> None:
+        super().__init__(f"no event {event!r} arrived within {timeout_s:g}s")
+        self.event = event
+        self.timeout_s = timeout_s
+
+
+class HookError(ReflowError):
+    """A lifecycle hook, stream consumer or on-failure handler raised; the run is unaffected."""
+
+    code = "HOOK"
+
+    def __init__(self, where: str, cause: BaseException) -> None:
+        super().__init__(f"{where} raised {type(cause).__name__}: {cause}")
+        self.where = where
+
+
+class ControlFlow(ReflowError):
+    """Stops a run's execution without failing it: the run is left for its rightful owner."""
+
+    code = "CONTROL_FLOW"
+
+
+class LeaseExpiredError(ControlFlow):
+    """This worker no longer holds the run's lease; another worker owns the run now."""
+
+    code = "LEASE_EXPIRED"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"lease on run {run_id} was lost; another worker now owns it")
+        self.run_id = run_id
+
+
+class RunCancelledError(ControlFlow):
+    """The run was cancelled while this worker executed it."""
+
+    code = "RUN_CANCELLED"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id} was cancelled")
+        self.run_id = run_id
+
+
+class EngineStoppedError(ControlFlow):
+    """The engine stopped while the run executed; its lease was released for another worker."""
+
+    code = "ENGINE_STOPPED"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"engine stopped while executing run {run_id}; the run was released")
+        self.run_id = run_id

@@ -1,0 +1,240 @@
+"""The storage contract: what every adapter promises, in one place.
+
+An adapter is any object with these methods. The engine talks to storage only
+through them; the conformance kit (``reflow_conformance``) holds every adapter to
+them. Each docstring restates one row of the contract: what is atomic, what a
+``False`` answer means, what must not be written.
+
+Rules that apply to every method:
+
+* Times are integer milliseconds since the Unix epoch, read from the adapter's
+  clock (a ``Clock`` passed at construction, so tests can move time by hand).
+* Values (run input and output, step output, event payloads, schedule input) cross
+  as plain Python values and must come back equal and of the same type; adapters
+  persist them with :mod:`reflow_core.codec`, which rejects what it cannot store
+  exactly with ``SerializationError`` *before* anything is written.
+* A driver exception never escapes: it becomes ``StorageError`` naming the
+  operation, with the driver's exception as ``__cause__``. A failed call leaves
+  stored state as it was (no half-written run, step or schedule).
+* "Held" means: the run is ``running`` and its ``lease_id`` equals the one given.
+  Every lease-checked method is a no-op returning ``False`` when the lease is not held.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Collection
+from typing import Any, Protocol, runtime_checkable
+
+from reflow_core.types import (
+    ClaimedRun,
+    ClaimedSchedule,
+    CreateRunResult,
+    ErrorInfo,
+    EventRecord,
+    RunFilter,
+    RunStatus,
+    Schedule,
+    StepResult,
+    WorkflowRun,
+)
+
+__all__ = ["Clock", "StorageAdapter", "WorkNotifier", "system_clock"]
+
+Clock = Callable[[], int]
+"""Returns the current time in integer milliseconds since the Unix epoch."""
+
+
+def system_clock() -> int:
+    """Wall-clock time in integer milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
+@runtime_checkable
+class StorageAdapter(Protocol):
+    """Durable state of runs, steps, events and schedules."""
+
+    url: str | None
+    """A URL that ``open_storage`` resolves to another handle onto the same store, or
+    ``None`` when the store cannot be shared (an in-memory store)."""
+
+    async def initialize(self) -> None:
+        """Create or migrate tables and indexes. Idempotent; safe from many workers at once."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections and threads. Safe to call twice; the adapter is unusable after."""
+        ...
+
+    # -- runs -----------------------------------------------------------------
+
+    async def create_run(self, run: WorkflowRun) -> CreateRunResult:
+        """Persist a new ``pending`` run.
+
+        If ``run.idempotency_key`` is set and a run of the same workflow already has that
+        key (whatever its status), store nothing and return that run with
+        ``created=False``. Atomic under concurrent callers: one key, one run.
+        """
+        ...
+
+    async def get_run(self, run_id: str) -> WorkflowRun | None:
+        """The run, or ``None`` if it does not exist."""
+        ...
+
+    async def list_runs(self, filter: RunFilter) -> list[WorkflowRun]:
+        """Runs newest first by ``(created_at, id)``, filtered by status and workflow.
+
+        With ``before`` and ``before_id``: only rows strictly after that key in this order
+        (``created_at < before or (created_at == before and id < before_id)``); with
+        ``before`` alone: ``created_at < before``. At most ``limit`` rows.
+        """
+        ...
+
+    async def claim_next_run(
+        self, workflow_names: Collection[str], stale_before: int | None = None
+    ) -> ClaimedRun | None:
+        """Atomically claim the oldest claimable run of the named workflows.
+
+        Claimable: ``pending``; ``running`` with ``heartbeat_at < stale_before`` (when
+        given); ``sleeping`` or ``waiting`` with ``wake_at <= now``. Oldest means lowest
+        ``(created_at, id)``. The claim sets ``running``, a new unique ``lease_id``,
+        ``heartbeat_at = now``, clears ``wake_at``/``waiting_for`` and adds one to
+        ``attempt``. Two concurrent callers (threads, processes, machines) never get the
+        same run. An empty name list claims nothing.
+        """
+        ...
+
+    async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
+        """Renew a held lease (``heartbeat_at = now``). ``False`` once the lease is lost."""
+        ...
+
+    async def sleep_run(self, run_id: str, lease_id: str, wake_at: int) -> bool:
+        """Held run to ``sleeping`` until ``wake_at``; lease released. ``False`` if not held."""
+        ...
+
+    async def wait_run(
+        self, run_id: str, lease_id: str, event_name: str, wake_at: int | None
+    ) -> bool:
+        """Held run to ``waiting`` for ``event_name`` until ``wake_at``; lease released.
+
+        If an event of that name is already buffered, the run goes to ``pending`` instead
+        so it is claimed again at once. ``wake_at=None`` waits with no deadline.
+        ``False`` if not held.
+        """
+        ...
+
+    async def update_run_status(
+        self,
+        run_id: str,
+        status: RunStatus,
+        *,
+        expected: Collection[RunStatus] | None = None,
+    ) -> bool:
+        """Set a run's status without a lease check (used to cancel); clears lease and wake.
+
+        With ``expected``, only a run currently in one of those statuses changes: the
+        check and the write are one atomic step, so a run that completed a moment ago is
+        never overwritten. ``False`` if the run is missing or not in ``expected``.
+        """
+        ...
+
+    async def update_claimed_run_status(
+        self,
+        run_id: str,
+        lease_id: str,
+        status: RunStatus,
+        *,
+        output: Any = None,
+        error: ErrorInfo | None = None,
+    ) -> bool:
+        """Set a held run's status, storing ``output`` and ``error`` with it.
+
+        The lease is kept only if ``status`` is ``running``; to ``pending`` this releases
+        the run for any worker at once. ``False`` (and nothing written) if not held.
+        """
+        ...
+
+    async def requeue_run(self, run_id: str) -> bool:
+        """A ``failed`` or ``cancelled`` run back to ``pending``, in one transaction.
+
+        Deletes only its ``failed`` step rows (completed, skipped, sleeping and waiting
+        rows stay, so completed work is not redone); clears ``error`` and ``output``.
+        ``False`` for any other status or a missing run.
+        """
+        ...
+
+    # -- steps ----------------------------------------------------------------
+
+    async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
+        """Upsert a step row by ``result.id``.
+
+        With ``lease_id``: a no-op returning ``False`` unless the run is held with that
+        lease; the check and the write are atomic. ``created_at`` of an existing row is
+        kept. ``(run_id, name)`` is unique: a different id for an existing pair is a
+        ``StorageError``.
+        """
+        ...
+
+    async def get_step_results(self, run_id: str) -> list[StepResult]:
+        """The run's step rows, ordered by ``(created_at, id)``."""
+        ...
+
+    # -- events ---------------------------------------------------------------
+
+    async def deliver_event(self, run_id: str, event_name: str, payload: Any) -> bool:
+        """Durably buffer an event for a run; wake the run if it waits for that name.
+
+        A run ``waiting`` for ``event_name`` goes to ``pending``. ``False`` (nothing
+        stored) if the run does not exist.
+        """
+        ...
+
+    async def take_event(self, run_id: str, event_name: str) -> EventRecord | None:
+        """Atomically remove and return the oldest buffered event of that name, or ``None``.
+
+        Concurrent callers never receive the same event.
+        """
+        ...
+
+    # -- schedules ------------------------------------------------------------
+
+    async def upsert_schedule(self, schedule: Schedule) -> Schedule:
+        """Insert or update a schedule by ``key``; return what is stored.
+
+        An update keeps the stored ``created_at`` and, when the recurrence is unchanged,
+        the stored ``next_run_at`` (so re-registering on every start-up keeps cadence).
+        """
+        ...
+
+    async def claim_due_schedule(
+        self, workflow_names: Collection[str], now: int
+    ) -> ClaimedSchedule | None:
+        """Claim the earliest due schedule (``next_run_at <= now``) of the named workflows.
+
+        In the same transaction advance ``next_run_at`` with
+        :func:`reflow_core.schedule.next_fire_time`, guarded on the old value, so one
+        occurrence fires once across all workers. Ties broken by ``key``.
+        """
+        ...
+
+    async def delete_schedule(self, key: str) -> bool:
+        """Remove a schedule; ``False`` if there was none."""
+        ...
+
+    async def list_schedules(self) -> list[Schedule]:
+        """All schedules, ordered by key."""
+        ...
+
+
+@runtime_checkable
+class WorkNotifier(Protocol):
+    """Optional: an adapter that can push "new work" to idle workers in other processes.
+
+    The engine runs :meth:`listen_for_work` as a background task while it is started and
+    cancels it on stop. The adapter calls ``on_work`` whenever a run may have become
+    claimable (created, woken, released), and keeps listening across reconnects.
+    """
+
+    async def listen_for_work(self, on_work: Callable[[], None]) -> None:
+        """Call ``on_work`` for every notification until cancelled."""
+        ...
