@@ -7,6 +7,9 @@ The one import users and adapter authors need::
 
 from __future__ import annotations
 
+from reflow_core.context import CancelSignal, StepContext
+from reflow_core.durations import Duration
+from reflow_core.engine import Engine, RunView
 from reflow_core.errors import (
     AdapterConflictError,
     AdapterError,
@@ -39,6 +42,8 @@ from reflow_core.events import (
     StepStarted,
 )
 from reflow_core.hookspecs import hookimpl
+from reflow_core.lease import LeaseOptions
+from reflow_core.observers import EventStream
 from reflow_core.registry import (
     AdapterSpec,
     Capability,
@@ -47,6 +52,7 @@ from reflow_core.registry import (
     open_storage,
     register_adapter,
 )
+from reflow_core.retry import RetryDecision, RetryPolicy
 from reflow_core.storage import Clock, StorageAdapter, WorkNotifier, system_clock
 from reflow_core.types import (
     ClaimedRun,
@@ -62,6 +68,7 @@ from reflow_core.types import (
     StepStatus,
     WorkflowRun,
 )
+from reflow_core.workflow import Branch, FailureContext, Workflow
 
 __version__ = "0.1.0"
 
@@ -70,6 +77,8 @@ __all__ = [
     "AdapterError",
     "AdapterNotFoundError",
     "AdapterSpec",
+    "Branch",
+    "CancelSignal",
     "Capability",
     "ClaimedRun",
     "ClaimedSchedule",
@@ -79,24 +88,33 @@ __all__ = [
     "CreateRunResult",
     "DuplicateStepError",
     "DuplicateWorkflowError",
+    "Duration",
+    "Engine",
     "EngineEvent",
     "EngineStoppedError",
     "ErrorInfo",
     "EventRecord",
+    "EventStream",
+    "FailureContext",
     "HookError",
     "IdempotencyConflictError",
     "LeaseExpiredError",
+    "LeaseOptions",
     "Recurrence",
     "ReflowError",
+    "RetryDecision",
+    "RetryPolicy",
     "RunCancelledError",
     "RunCompleted",
     "RunFailed",
     "RunFilter",
     "RunStarted",
     "RunStatus",
+    "RunView",
     "Schedule",
     "SerializationError",
     "StepCompleted",
+    "StepContext",
     "StepFailedError",
     "StepResult",
     "StepSkipped",
@@ -108,13 +126,14 @@ __all__ = [
     "ValidationError",
     "WaitTimeoutError",
     "WorkNotifier",
+    "Workflow",
     "WorkflowNotFoundError",
     "WorkflowRun",
-    "__version__",
     "adapter_specs",
     "get_adapter",
     "hookimpl",
     "open_storage",
     "register_adapter",
     "system_clock",
+    "__version__",
 ]

@@ -187,18 +187,18 @@ def _is_declared(declared: Any) -> bool:
 def to_plain(value: Any, declared: Any = None) -> Any:
     """Turn a value of a declared type (Struct, dataclass, TypedDict...) into plain data.
 
-    Plain values pass through untouched. Instances of declared types become dicts and
-    lists, keeping ``datetime`` as is, so :func:`from_plain` can rebuild them exactly.
+    With a declared type, instances (also nested ones) become dicts and lists, keeping
+    ``datetime`` as is, so :func:`from_plain` rebuilds them exactly. Without one, plain
+    values pass through and a Struct or dataclass instance is refused: it could not come
+    back as itself.
     """
-    if isinstance(value, msgspec.Struct) or (
-        dataclasses.is_dataclass(value) and not isinstance(value, type)
-    ):
-        if not _is_declared(declared):
-            raise SerializationError(
-                f"$: {_describe(value)} is not persistable unless its type is declared "
-                "(annotate the step's return type or the workflow's input type)"
-            )
+    if _is_declared(declared):
         return msgspec.to_builtins(value, builtin_types=(datetime,))
+    if not _is_plain(value):
+        raise SerializationError(
+            f"$: {_describe(value)} is not persistable unless its type is declared "
+            "(annotate the step's return type or the workflow's input type)"
+        )
     return value
 
 

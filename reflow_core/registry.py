@@ -254,3 +254,9 @@ def _reset_for_tests() -> None:
         _state.specs = None
         _state.manual.clear()
         _state.origins.clear()
+
+
+def hook_functions(name: str) -> list[Callable[..., Any]]:
+    """The plugin implementations of lifecycle hook ``name``, each callable on its own."""
+    caller = getattr(plugin_manager().hook, name)
+    return [impl.function for impl in caller.get_hookimpls()]

@@ -1,0 +1,152 @@
+"""What a step sees while it runs: :class:`StepContext` and its :class:`CancelSignal`."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, NoReturn, TypeVar
+
+from reflow_core.errors import ControlFlow
+
+__all__ = ["CancelSignal", "EarlyCompletion", "StepContext", "StepOutputs"]
+
+InputT = TypeVar("InputT")
+
+
+class CancelSignal:
+    """Set when the step should stop: run cancelled, lease lost, engine stopped, or timeout.
+
+    Async steps are interrupted at their next ``await`` anyway; plain ``def`` steps run in
+    a worker thread that Python cannot interrupt, so long-running ones should check
+    :attr:`is_set` (or ``wait(timeout)``) and return early.
+    """
+
+    __slots__ = ("_async_event", "_event", "reason")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._async_event: asyncio.Event | None = None
+        self.reason: ControlFlow | TimeoutError | None = None
+
+    def set(self, reason: ControlFlow | TimeoutError) -> None:
+        """Raise the signal (engine use, on the event loop's thread)."""
+        if self.reason is None:
+            self.reason = reason
+        self._event.set()
+        if self._async_event is not None:
+            self._async_event.set()
+
+    @property
+    def is_set(self) -> bool:
+        """True once the step should stop."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block the calling thread until set or ``timeout``; True if set. For ``def`` steps."""
+        return self._event.wait(timeout)
+
+    async def wait_async(self) -> None:
+        """Wait until set, from async code (async steps are also cancelled directly)."""
+        if self._async_event is None:
+            self._async_event = asyncio.Event()
+            if self._event.is_set():
+                self._async_event.set()
+        await self._async_event.wait()
+
+
+class EarlyCompletion(BaseException):
+    """Raised by :meth:`StepContext.complete`; a BaseException so ``except Exception``
+    in user code does not swallow it."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("workflow completed early")
+        self.value = value
+
+
+class StepOutputs(Mapping[str, Any]):
+    """Read-only view of earlier outputs by unit name; each read is a fresh copy, so a step
+    that mutates what it reads cannot make this execution differ from a replay."""
+
+    __slots__ = ("_decode", "_names")
+
+    def __init__(self, names: Mapping[str, Any], decode: Callable[[str], Any]) -> None:
+        self._names = names
+        self._decode = decode
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names:
+            known = ", ".join(self._names) or "none yet"
+            raise KeyError(f"no completed unit named {name!r} (completed: {known})")
+        return self._decode(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class StepContext(Generic[InputT]):
+    """Everything a step receives.
+
+    ``input`` is the run's validated input (of the workflow's declared type), ``prev``
+    the previous unit's output (``None`` for the first), ``steps`` every earlier unit's
+    output by name, ``cancel`` the cancellation signal, ``attempt`` the 1-based attempt.
+    """
+
+    __slots__ = (
+        "_prev",
+        "_prev_loader",
+        "attempt",
+        "cancel",
+        "input",
+        "run_id",
+        "step",
+        "steps",
+        "workflow",
+    )
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        workflow: str,
+        step: str,
+        attempt: int,
+        input: InputT,
+        prev_loader: Callable[[], Any],
+        steps: StepOutputs,
+        cancel: CancelSignal,
+    ) -> None:
+        self.run_id = run_id
+        self.workflow = workflow
+        self.step = step
+        self.attempt = attempt
+        self.input = input
+        self._prev_loader = prev_loader
+        self._prev: Any = _UNSET
+        self.steps = steps
+        self.cancel = cancel
+
+    @property
+    def prev(self) -> Any:
+        """Output of the previous unit that produced one (a fresh copy)."""
+        if self._prev is _UNSET:
+            self._prev = self._prev_loader()
+        return self._prev
+
+    @property
+    def cancelled(self) -> bool:
+        """Shorthand for ``ctx.cancel.is_set``."""
+        return self.cancel.is_set
+
+    def complete(self, value: Any = None) -> NoReturn:
+        """End the whole workflow now, successfully, with ``value`` as its output.
+
+        Later units do not run. The decision is checkpointed, so a replay also ends here.
+        """
+        raise EarlyCompletion(value)
+
+
+_UNSET: Any = object()

@@ -1,0 +1,219 @@
+"""The worker loop: claim runs into free slots, execute them, keep their leases alive.
+
+One loop a reader can follow (after procrastinate's worker): a semaphore holds the
+free execution slots; the loop takes a slot, claims a run, and hands it to a task that
+gives the slot back when the run ends, so a freed slot claims the next run at once and
+no run waits for the slowest of a batch. With nothing to claim, it waits on the wake
+event (set by an enqueue in this process, by a storage notification from another
+process, or by a finished run) or until the next local wake-up or the poll interval,
+whichever comes first. Push sources only set the event.
+
+Heartbeats are one task for all held runs. A heartbeat answered ``False`` means the
+lease is gone (reclaimed, or the run was cancelled): the run's execution is aborted
+without writing. A heartbeat that *raises* does not fail the run: the run goes on
+until its lease would have expired, and only then is abandoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+from collections.abc import Awaitable, Callable, Collection
+
+from reflow_core.errors import LeaseExpiredError, RunCancelledError, StorageError
+from reflow_core.execution import ActiveRun
+from reflow_core.lease import LeaseOptions
+from reflow_core.observers import Observers
+from reflow_core.storage import Clock, StorageAdapter
+from reflow_core.types import ClaimedRun, RunStatus
+
+__all__ = ["Dispatcher"]
+
+_ERROR_BACKOFF_MAX = 5.0
+
+
+class Dispatcher:
+    """Claims and executes runs of ``names`` with at most ``concurrency`` at once."""
+
+    def __init__(
+        self,
+        *,
+        storage: StorageAdapter,
+        names: Collection[str],
+        concurrency: int,
+        lease: LeaseOptions,
+        poll_interval: float,
+        clock: Clock,
+        observers: Observers,
+        execute: Callable[[ClaimedRun, ActiveRun], Awaitable[None]],
+    ) -> None:
+        self.storage = storage
+        self.names = list(names)
+        self.concurrency = concurrency
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.observers = observers
+        self._execute = execute
+        self.active: dict[str, ActiveRun] = {}
+        self.wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._wakeups: list[int] = []
+        self._stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._stopping
+
+    # -- signals from elsewhere ---------------------------------------------------
+
+    def poke(self) -> None:
+        """New work may be claimable now."""
+        self.wake.set()
+
+    def note_wake(self, at_ms: int) -> None:
+        """A run becomes claimable at ``at_ms``: wake up then rather than at the next poll."""
+        heapq.heappush(self._wakeups, at_ms)
+        self.wake.set()
+
+    # -- claiming -----------------------------------------------------------------
+
+    async def claim(self) -> ClaimedRun | None:
+        """Claim one run, including runs whose holder stopped heartbeating."""
+        return await self.storage.claim_next_run(
+            self.names, stale_before=self.lease.stale_before(self.clock())
+        )
+
+    def spawn(self, claimed: ClaimedRun) -> asyncio.Task[None]:
+        """Execute a claimed run in its own task; the slot is released when it ends."""
+        active = ActiveRun(
+            run_id=claimed.run.id,
+            workflow=claimed.run.workflow,
+            lease_id=claimed.lease_id,
+            last_renewed=self.clock(),
+        )
+        self.active[active.run_id] = active
+        task = asyncio.create_task(self._run(claimed, active), name=f"reflow-run-{active.run_id}")
+        active.task = task
+        self._tasks.add(task)
+        return task
+
+    async def _run(self, claimed: ClaimedRun, active: ActiveRun) -> None:
+        try:
+            await self._execute(claimed, active)
+        except Exception as exc:
+            # Storage failed mid-run: the lease lapses and another worker resumes the run.
+            await self.observers.error(exc)
+        finally:
+            if self.active.get(active.run_id) is active:
+                del self.active[active.run_id]
+            self._slots.release()
+            task = asyncio.current_task()
+            if task is not None:
+                self._tasks.discard(task)
+
+    def _idle_timeout(self) -> float:
+        timeout = self.poll_interval
+        now = self.clock()
+        while self._wakeups and self._wakeups[0] <= now:
+            heapq.heappop(self._wakeups)
+        if self._wakeups:
+            timeout = min(timeout, (self._wakeups[0] - now) / 1000)
+        return max(timeout, 0.0)
+
+    async def _idle(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), seconds)
+
+    async def loop(self) -> None:
+        """Claim and execute until :meth:`stop`."""
+        failures = 0
+        while not self.stopping():
+            await self._slots.acquire()
+            if self.stopping():
+                self._slots.release()
+                break
+            self.wake.clear()
+            try:
+                claimed = await self.claim()
+            except Exception as exc:
+                self._slots.release()
+                failures += 1
+                await self.observers.error(exc)
+                # Back off so a database outage is not hammered; a poke still wakes us.
+                await self._idle(min(_ERROR_BACKOFF_MAX, self.poll_interval * 2**failures))
+                continue
+            failures = 0
+            if claimed is None:
+                self._slots.release()
+                await self._idle(self._idle_timeout())
+                continue
+            self.spawn(claimed)
+
+    async def drain(self) -> int:
+        """Claim and execute until nothing is claimable and nothing runs; return the count."""
+        count = 0
+        while True:
+            await self._slots.acquire()
+            claimed = await self._claim_released_on_error()
+            if claimed is not None:
+                self.spawn(claimed)
+                count += 1
+                continue
+            self._slots.release()
+            if not self._tasks:
+                return count
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _claim_released_on_error(self) -> ClaimedRun | None:
+        try:
+            return await self.claim()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    # -- heartbeats ---------------------------------------------------------------
+
+    async def heartbeat_loop(self) -> None:
+        """Renew every held lease each ``heartbeat_every`` seconds, until cancelled."""
+        while True:
+            await asyncio.sleep(self.lease.heartbeat_every)
+            held = list(self.active.values())
+            if held:
+                await asyncio.gather(*(self._beat(active) for active in held))
+
+    async def _beat(self, active: ActiveRun) -> None:
+        now = self.clock()
+        try:
+            held = await self.storage.heartbeat_run(active.run_id, active.lease_id)
+        except Exception as exc:
+            await self.observers.error(exc)
+            if self.lease.expired(active.last_renewed, self.clock()):
+                active.abort(LeaseExpiredError(active.run_id))
+            return
+        if held:
+            active.last_renewed = now
+            return
+        reason: LeaseExpiredError | RunCancelledError = LeaseExpiredError(active.run_id)
+        try:
+            run = await self.storage.get_run(active.run_id)
+            if run is not None and run.status is RunStatus.CANCELLED:
+                reason = RunCancelledError(active.run_id)
+        except StorageError:
+            pass
+        active.abort(reason)
+
+    # -- stopping -----------------------------------------------------------------
+
+    async def stop(self, grace: float, abort: Callable[[ActiveRun], None]) -> None:
+        """Stop claiming; let runs finish for ``grace`` seconds, then abort the rest."""
+        self._stopping = True
+        self.wake.set()
+        if grace > 0 and self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace)
+        for active in list(self.active.values()):
+            abort(active)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,387 @@
+"""The engine: binds workflows to storage, enqueues runs, and executes them.
+
+One async implementation (``reflow_core.sync`` wraps it for synchronous callers)::
+
+    import asyncio
+    from reflow_core import Engine, Workflow
+
+    hello = Workflow("hello")
+
+    @hello.step
+    def greet(ctx) -> str:
+        return f"hello {ctx.input['name']}"
+
+    async def main() -> None:
+        async with Engine("sqlite:///reflow.db", [hello]) as engine:
+            run = await engine.enqueue("hello", {"name": "Ada"})
+            done = await engine.wait_for(run.id)
+            print(done.output)        # hello Ada
+
+Constructing an engine does no I/O; ``start()`` (or ``async with``) initializes the
+storage and starts claiming. An engine that only enqueues and reads (a web view) needs
+no ``start()``: the storage is initialized on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgspec
+
+from reflow_core import codec
+from reflow_core.dispatcher import Dispatcher
+from reflow_core.durations import Duration, to_seconds
+from reflow_core.errors import (
+    ConfigError,
+    DuplicateWorkflowError,
+    EngineStoppedError,
+    IdempotencyConflictError,
+    RunCancelledError,
+    WorkflowNotFoundError,
+)
+from reflow_core.execution import ActiveRun, RunExecution, Runtime
+from reflow_core.lease import LeaseOptions
+from reflow_core.observers import EventStream, Observers
+from reflow_core.registry import hook_functions, open_storage
+from reflow_core.storage import Clock, StorageAdapter, WorkNotifier, system_clock
+from reflow_core.types import ClaimedRun, RunFilter, RunStatus, StepResult, WorkflowRun
+from reflow_core.workflow import Workflow
+
+__all__ = ["Engine", "RunView"]
+
+_ACTIVE_STATUSES = (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.SLEEPING, RunStatus.WAITING)
+
+
+class RunView(msgspec.Struct, frozen=True):
+    """A run and its step rows, as returned by :meth:`Engine.get_run`."""
+
+    run: WorkflowRun
+    steps: list[StepResult]
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        """Outputs of the completed steps, by name."""
+        return {s.name: s.output for s in self.steps if s.status.is_done and s.status != "skipped"}
+
+
+class Engine:
+    """Executes registered workflows on one storage.
+
+    ``concurrency`` bounds the runs executing at once in this engine; ``lease`` sets how
+    long a claim survives without a heartbeat; ``poll_interval`` (seconds) is how often
+    an idle engine looks for work enqueued by *other* processes when the storage cannot
+    notify it. ``hooks`` are objects with ``reflow_*`` hook methods; ``on_error``
+    receives errors that are no run's outcome. ``clock`` (milliseconds) is for tests.
+    """
+
+    def __init__(
+        self,
+        storage: StorageAdapter | str,
+        workflows: Iterable[Workflow[Any]] = (),
+        *,
+        concurrency: int = 10,
+        lease: LeaseOptions | None = None,
+        poll_interval: Duration = 1.0,
+        hooks: Iterable[object] = (),
+        on_error: Callable[[BaseException], Any] | None = None,
+        clock: Clock | None = None,
+        use_plugins: bool = True,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"concurrency must be a positive int, got {concurrency!r}")
+        self._owns_storage = isinstance(storage, str)
+        self.storage: StorageAdapter = (
+            open_storage(storage) if isinstance(storage, str) else storage
+        )
+        self.concurrency = concurrency
+        self.lease = lease or LeaseOptions()
+        self.poll_interval = to_seconds(poll_interval, what="poll_interval", allow_zero=False)
+        self.clock: Clock = clock or system_clock
+        self.workflows: dict[str, Workflow[Any]] = {}
+        for workflow in workflows:
+            self.register(workflow)
+        self.observers = Observers(hooks, hook_functions if use_plugins else None, on_error)
+        self._initialized = False
+        self._init_lock: asyncio.Lock | None = None
+        self._dispatcher: Dispatcher | None = None
+        self._threads: ThreadPoolExecutor | None = None
+        self._background: list[asyncio.Task[None]] = []
+        self._finished: dict[str, asyncio.Event] = {}
+        self._started = False
+        self._closed = False
+
+    def register(self, workflow: Workflow[Any]) -> None:
+        """Add a workflow before the engine starts."""
+        if not isinstance(workflow, Workflow):
+            raise ConfigError(f"expected a Workflow, got {workflow!r}")
+        if getattr(self, "_started", False):
+            raise ConfigError("register workflows before the engine starts")
+        if workflow.name in self.workflows:
+            raise DuplicateWorkflowError(f"two workflows are named {workflow.name!r}")
+        self.workflows[workflow.name] = workflow
+
+    def workflow(self, name_or_workflow: str | Workflow[Any]) -> Workflow[Any]:
+        """The registered workflow of that name; :class:`WorkflowNotFoundError` otherwise."""
+        name = name_or_workflow.name if isinstance(name_or_workflow, Workflow) else name_or_workflow
+        found = self.workflows.get(name)
+        if found is None:
+            raise WorkflowNotFoundError(name, list(self.workflows))
+        return found
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def _ready(self) -> None:
+        if self._closed:
+            raise ConfigError("this engine was stopped; create a new Engine")
+        if self._initialized:
+            return
+        if self._init_lock is None:
+            self._init_lock = asyncio.Lock()
+        async with self._init_lock:
+            if not self._initialized:
+                await self.storage.initialize()
+                self._initialized = True
+
+    def _get_dispatcher(self) -> Dispatcher:
+        if self._dispatcher is None:
+            self._threads = ThreadPoolExecutor(
+                max_workers=max(4, self.concurrency * 2), thread_name_prefix="reflow-step"
+            )
+            self._dispatcher = Dispatcher(
+                storage=self.storage,
+                names=list(self.workflows),
+                concurrency=self.concurrency,
+                lease=self.lease,
+                poll_interval=self.poll_interval,
+                clock=self.clock,
+                observers=self.observers,
+                execute=self._execute,
+            )
+        return self._dispatcher
+
+    async def start(self) -> None:
+        """Initialize storage and start claiming and executing runs in the background."""
+        await self._ready()
+        if self._started:
+            return
+        self._started = True
+        dispatcher = self._get_dispatcher()
+        self.observers.refresh()
+        self._background.append(asyncio.create_task(dispatcher.loop(), name="reflow-dispatch"))
+        self._background.append(
+            asyncio.create_task(dispatcher.heartbeat_loop(), name="reflow-heartbeat")
+        )
+        if isinstance(self.storage, WorkNotifier):
+            self._background.append(
+                asyncio.create_task(
+                    self.storage.listen_for_work(dispatcher.poke), name="reflow-notify"
+                )
+            )
+
+    async def stop(self, grace: Duration = 0) -> None:
+        """Stop claiming; give running runs ``grace`` seconds to finish; release the rest.
+
+        Runs still executing after the grace period are interrupted and their leases
+        released, so any worker can resume them at once. Safe to call twice.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        grace_s = to_seconds(grace, what="grace")
+        if self._dispatcher is not None:
+            await self._dispatcher.stop(
+                grace_s, lambda active: active.abort(EngineStoppedError(active.run_id))
+            )
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
+        self.observers.close_streams()
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+        if self._owns_storage:
+            await self.storage.close()
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def run_until_idle(self) -> int:
+        """Execute claimable runs until none is left; return how many were executed.
+
+        For tests and batch jobs: no background task is left behind. Runs that suspend
+        (sleep, wait) count once per claim.
+        """
+        await self._ready()
+        dispatcher = self._get_dispatcher()
+        beats = asyncio.create_task(dispatcher.heartbeat_loop())
+        try:
+            return await dispatcher.drain()
+        finally:
+            beats.cancel()
+            await asyncio.gather(beats, return_exceptions=True)
+
+    # -- execution ------------------------------------------------------------
+
+    async def _execute(self, claimed: ClaimedRun, active: ActiveRun) -> None:
+        dispatcher = self._get_dispatcher()
+        assert self._threads is not None
+        runtime = Runtime(
+            storage=self.storage,
+            clock=self.clock,
+            observers=self.observers,
+            threads=self._threads,
+            lease=self.lease,
+            note_wake=dispatcher.note_wake,
+            run_finished=self._run_finished,
+        )
+        workflow = self.workflow(claimed.run.workflow)
+        await RunExecution(runtime, claimed, workflow, active).execute()
+
+    def _run_finished(self, run_id: str) -> None:
+        event = self._finished.pop(run_id, None)
+        if event is not None:
+            event.set()
+
+    # -- runs -----------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        workflow: str | Workflow[Any],
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> WorkflowRun:
+        """Create a pending run; nothing is stored if the input is invalid.
+
+        With ``idempotency_key``, a second enqueue with the same key and an equal input
+        returns the existing run; with a different input it raises
+        :class:`IdempotencyConflictError`.
+        """
+        wf = self.workflow(workflow)
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not idempotency_key
+        ):
+            raise ConfigError(f"idempotency_key must be a non-empty str, got {idempotency_key!r}")
+        plain = wf.validate_input(input)
+        codec.check(plain)
+        await self._ready()
+        now = self.clock()
+        run = WorkflowRun(
+            id=str(uuid.uuid4()),
+            workflow=wf.name,
+            input=plain,
+            status=RunStatus.PENDING,
+            created_at=now,
+            updated_at=now,
+            idempotency_key=idempotency_key,
+        )
+        result = await self.storage.create_run(run)
+        if not result.created:
+            if codec.canonical(result.run.input) != codec.canonical(plain):
+                raise IdempotencyConflictError(wf.name, idempotency_key or "", result.run.id)
+            return result.run
+        if self._dispatcher is not None:
+            self._dispatcher.poke()
+        return result.run
+
+    async def get_run(self, run_id: str) -> RunView | None:
+        """The run with its step rows, or ``None`` if there is no such run."""
+        await self._ready()
+        run = await self.storage.get_run(run_id)
+        if run is None:
+            return None
+        return RunView(run=run, steps=await self.storage.get_step_results(run_id))
+
+    async def wait_for(self, run_id: str, *, within: Duration | None = None) -> WorkflowRun:
+        """Wait until the run is completed, failed or cancelled; return it.
+
+        Runs finished by this engine wake the waiter at once; runs executed elsewhere are
+        seen at the next poll. Raises :class:`TimeoutError` after ``within`` seconds.
+        """
+        await self._ready()
+        limit = None if within is None else to_seconds(within, what="within")
+        async with asyncio.timeout(limit):
+            while True:
+                event = self._finished.setdefault(run_id, asyncio.Event())
+                run = await self.storage.get_run(run_id)
+                if run is None:
+                    raise ConfigError(f"no run with id {run_id!r}")
+                if run.status.is_terminal:
+                    self._finished.pop(run_id, None)
+                    return run
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), self.poll_interval)
+
+    async def cancel(self, run_id: str) -> bool:
+        """Cancel a pending, running, sleeping or waiting run; ``False`` if it had ended.
+
+        The status change is one conditional write, so a run that completes at the same
+        moment is never overwritten. A run executing in this engine stops at once; one
+        executing elsewhere stops at its worker's next heartbeat.
+        """
+        await self._ready()
+        changed = await self.storage.update_run_status(
+            run_id, RunStatus.CANCELLED, expected=_ACTIVE_STATUSES
+        )
+        if changed and self._dispatcher is not None:
+            active = self._dispatcher.active.get(run_id)
+            if active is not None:
+                active.abort(RunCancelledError(run_id))
+        return changed
+
+    async def resume(self, run_id: str) -> bool:
+        """Put a failed or cancelled run back to pending; it resumes at the step that
+        failed, keeping completed steps. ``False`` if the run is missing or not resumable."""
+        await self._ready()
+        run = await self.storage.get_run(run_id)
+        if run is None:
+            return False
+        self.workflow(run.workflow)
+        resumed = await self.storage.requeue_run(run_id)
+        if resumed and self._dispatcher is not None:
+            self._dispatcher.poke()
+        return resumed
+
+    async def list_runs(
+        self,
+        *,
+        status: RunStatus | str | None = None,
+        workflow: str | None = None,
+        before: int | None = None,
+        before_id: str | None = None,
+        limit: int = 100,
+    ) -> list[WorkflowRun]:
+        """Runs newest first. For the next page pass the last run's ``created_at`` and
+        ``id`` as ``before`` and ``before_id`` (exact: no run skipped or repeated)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"limit must be a positive int, got {limit!r}")
+        if before_id is not None and before is None:
+            raise ConfigError("before_id needs before (the created_at of that run)")
+        try:
+            parsed = RunStatus(status) if status is not None else None
+        except ValueError:
+            known = ", ".join(s.value for s in RunStatus)
+            raise ConfigError(f"unknown run status {status!r}; known: {known}") from None
+        await self._ready()
+        return await self.storage.list_runs(
+            RunFilter(
+                status=parsed, workflow=workflow, before=before, before_id=before_id, limit=limit
+            )
+        )
+
+    def events(self, *, buffer: int = 1000) -> EventStream:
+        """An async iterator over this engine's events from now on; ends when it stops.
+
+        When ``buffer`` events are waiting, the run producing the next one pauses until
+        the consumer catches up (backpressure).
+        """
+        return self.observers.subscribe(buffer)

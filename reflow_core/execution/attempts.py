@@ -1,0 +1,85 @@
+"""Attempts of one step: the retry loop, per-attempt timeouts, sync steps in threads."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from reflow_core.context import CancelSignal, EarlyCompletion, StepContext
+from reflow_core.errors import ControlFlow, StepTimeoutError
+from reflow_core.workflow import StepUnit
+
+if TYPE_CHECKING:
+    from reflow_core.execution.run import RunExecution
+
+__all__ = ["AttemptResult", "run_attempts"]
+
+
+@dataclass(slots=True)
+class AttemptResult:
+    """How a step's attempts ended: a value, an early completion, or an error."""
+
+    attempts: int
+    value: Any = None
+    error: BaseException | None = None
+    early: bool = False
+
+
+async def _invoke(ex: RunExecution, unit: StepUnit, ctx: StepContext[Any]) -> Any:
+    if unit.is_async:
+        return await unit.fn(ctx)
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(ex.runtime.threads, unit.fn, ctx)
+    if inspect.isawaitable(result):  # a plain def that returned a coroutine
+        return await result
+    return result
+
+
+async def _attempt(ex: RunExecution, unit: StepUnit, attempt: int) -> Any:
+    signal = CancelSignal()
+    ex.active.signals.add(signal)
+    try:
+        ctx = ex.context(unit.name, attempt, signal)
+        if unit.timeout is None:
+            return await _invoke(ex, unit, ctx)
+        timeout = asyncio.timeout(unit.timeout)
+        try:
+            async with timeout:
+                return await _invoke(ex, unit, ctx)
+        except TimeoutError:
+            if not timeout.expired():
+                raise  # the step's own TimeoutError, not ours
+            error = StepTimeoutError(unit.name, unit.timeout)
+            signal.set(TimeoutError(str(error)))
+            raise error from None
+    finally:
+        ex.active.signals.discard(signal)
+
+
+async def run_attempts(ex: RunExecution, unit: StepUnit) -> AttemptResult:
+    """Run ``unit`` until it succeeds, completes early, or its retry policy gives up.
+
+    Control-flow errors (cancel, lease loss, stop) and task cancellation propagate: they
+    end the run's execution, not the step.
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            value = await _attempt(ex, unit, attempt)
+        except EarlyCompletion as done:
+            return AttemptResult(attempts=attempt, value=done.value, early=True)
+        except ControlFlow:
+            raise
+        except Exception as error:
+            if ex.active.abort_reason is not None:
+                raise ex.active.abort_reason from error
+            decision = unit.retry.decide(attempt, error)
+            if not decision.retry:
+                return AttemptResult(attempts=attempt, error=error)
+            if decision.delay > 0:
+                await asyncio.sleep(decision.delay)
+        else:
+            return AttemptResult(attempts=attempt, value=value)

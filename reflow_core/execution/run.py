@@ -1,0 +1,272 @@
+"""The replay loop of one claimed run.
+
+Units run in definition order. A unit with a final checkpoint is replayed (its stored
+output becomes ``prev``; nothing re-executes); the first unit without one executes.
+The run ends by completing (output stored on the run), failing (error stored, the
+on-failure handler run first), suspending (sleep or wait: lease released), or by a
+control-flow stop (cancelled, lease lost, engine stopped), which writes nothing except
+that a stopping engine releases the lease so another worker can resume at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from reflow_core import codec
+from reflow_core.context import CancelSignal, StepContext, StepOutputs
+from reflow_core.errors import (
+    ControlFlow,
+    EngineStoppedError,
+    HookError,
+    LeaseExpiredError,
+    ReflowError,
+    RunCancelledError,
+)
+from reflow_core.events import RunCompleted, RunFailed, RunStarted
+from reflow_core.execution.active import ActiveRun, Runtime
+from reflow_core.types import ClaimedRun, ErrorInfo, RunStatus, StepResult, StepStatus
+from reflow_core.workflow import FailureContext, Workflow
+
+__all__ = ["Outcome", "RunExecution", "describe_error", "step_id"]
+
+
+def step_id(run_id: str, name: str) -> str:
+    """The row id of unit ``name`` of run ``run_id``: deterministic, so a re-executed step
+    updates its row in place instead of adding a second one."""
+    return f"{run_id}/{name}"
+
+
+def describe_error(error: BaseException, step: str | None = None) -> ErrorInfo:
+    """An exception as stored: type, message, code and traceback text."""
+    kind = type(error)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return ErrorInfo(
+        type=name,
+        message=str(error),
+        code=error.code if isinstance(error, ReflowError) else None,
+        traceback="".join(traceback.format_exception(error)),
+        step=step,
+    )
+
+
+class Outcome(enum.Enum):
+    """What a unit executor tells the replay loop."""
+
+    ADVANCE = "advance"
+    """The unit produced an output; it is the next ``prev``."""
+    PASS = "pass"
+    """The unit produced no output (skipped); ``prev`` is unchanged."""
+    SUSPEND = "suspend"
+    """The run was suspended (sleep, wait) and its lease released; stop here."""
+    COMPLETE = "complete"
+    """The unit completed the run early with its output."""
+    FAIL = "fail"
+    """The unit failed for good; ``execution.failure`` says why."""
+
+
+UnitExecutor = Callable[["RunExecution", Any], Awaitable[Outcome]]
+_EXECUTORS: dict[type[Any], UnitExecutor] = {}
+
+
+def executor(kind: type[Any]) -> Callable[[UnitExecutor], UnitExecutor]:
+    """Register the executor of a unit kind (used by the sibling modules)."""
+
+    def register(fn: UnitExecutor) -> UnitExecutor:
+        _EXECUTORS[kind] = fn
+        return fn
+
+    return register
+
+
+class RunExecution:
+    """State of one claimed run while this engine executes it."""
+
+    def __init__(
+        self, runtime: Runtime, claimed: ClaimedRun, workflow: Workflow[Any], active: ActiveRun
+    ) -> None:
+        self.runtime = runtime
+        self.storage = runtime.storage
+        self.run = claimed.run
+        self.lease_id = claimed.lease_id
+        self.workflow = workflow
+        self.active = active
+        self.rows: dict[str, StepResult] = {}
+        self.input: Any = None
+        self.failure: ErrorInfo | None = None
+        self._encoded: dict[str, bytes] = {}
+        self._types: dict[str, Any] = {}
+        self.prev_name: str | None = None
+
+    # -- values ---------------------------------------------------------------
+
+    def record(
+        self, name: str, plain: Any, declared: Any = None, encoded: bytes | None = None
+    ) -> None:
+        """Remember a unit's output (plain data) for ``prev`` and ``steps``."""
+        self._encoded[name] = encoded if encoded is not None else codec.encode(plain)
+        if declared is not None:
+            self._types[name] = declared
+
+    def output(self, name: str) -> Any:
+        """A fresh copy of unit ``name``'s output, of its declared type."""
+        return codec.from_plain(codec.decode(self._encoded[name]), self._types.get(name))
+
+    def plain_output(self, name: str | None) -> Any:
+        """Unit ``name``'s output as plain data (``None`` for no unit)."""
+        return None if name is None else codec.decode(self._encoded[name])
+
+    def context(self, step: str, attempt: int, signal: CancelSignal) -> StepContext[Any]:
+        """The context a step (or predicate) receives."""
+        prev_name = self.prev_name
+        return StepContext(
+            run_id=self.run.id,
+            workflow=self.run.workflow,
+            step=step,
+            attempt=attempt,
+            input=self.input,
+            prev_loader=(lambda: self.output(prev_name)) if prev_name else (lambda: None),
+            steps=StepOutputs(dict.fromkeys(self._encoded), self.output),
+            cancel=signal,
+        )
+
+    # -- writes ---------------------------------------------------------------
+
+    async def save(
+        self,
+        name: str,
+        status: StepStatus,
+        *,
+        output: Any = None,
+        error: ErrorInfo | None = None,
+        attempts: int = 0,
+        wake_at: int | None = None,
+    ) -> StepResult:
+        """Lease-checked upsert of unit ``name``'s row; :class:`LeaseExpiredError` if refused."""
+        now = self.runtime.clock()
+        existing = self.rows.get(name)
+        row = StepResult(
+            id=step_id(self.run.id, name),
+            run_id=self.run.id,
+            name=name,
+            status=status,
+            output=output,
+            error=error,
+            attempts=attempts,
+            created_at=existing.created_at if existing else now,
+            updated_at=now,
+            wake_at=wake_at,
+        )
+        if not await self.storage.save_step_result(row, self.lease_id):
+            raise LeaseExpiredError(self.run.id)
+        self.rows[name] = row
+        return row
+
+    # -- the loop -------------------------------------------------------------
+
+    async def execute(self) -> None:
+        """Execute the run to its end, a suspension, or a control-flow stop."""
+        try:
+            await self._execute()
+        except asyncio.CancelledError:
+            reason = self.active.abort_reason
+            task = asyncio.current_task()
+            if reason is None or task is None:
+                raise
+            task.uncancel()
+            await self._stopped(reason)
+        except ControlFlow as reason:
+            await self._stopped(reason)
+        finally:
+            self.runtime.run_finished(self.run.id)
+
+    async def _execute(self) -> None:
+        observers = self.runtime.observers
+        if observers.listening:
+            await observers.emit(
+                RunStarted(run_id=self.run.id, workflow=self.run.workflow, attempt=self.run.attempt)
+            )
+        if self.run.attempt > 1:  # a first claim cannot have checkpoints: skip the read
+            self.rows = {row.name: row for row in await self.storage.get_step_results(self.run.id)}
+        try:
+            self.input = self.workflow.load_input(self.run.input)
+        except ReflowError as exc:
+            await self.fail(describe_error(exc))
+            return
+        for unit in self.workflow.units:
+            outcome = await _EXECUTORS[type(unit)](self, unit)
+            if outcome is Outcome.ADVANCE:
+                self.prev_name = unit.name
+            elif outcome is Outcome.SUSPEND:
+                return
+            elif outcome is Outcome.COMPLETE:
+                await self.complete(self.plain_output(unit.name))
+                return
+            elif outcome is Outcome.FAIL:
+                assert self.failure is not None
+                await self.fail(self.failure)
+                return
+        await self.complete(self.plain_output(self.prev_name))
+
+    async def complete(self, output: Any) -> None:
+        """Store the run's output and mark it completed."""
+        stored = await self.storage.update_claimed_run_status(
+            self.run.id, self.lease_id, RunStatus.COMPLETED, output=output
+        )
+        if not stored:
+            raise LeaseExpiredError(self.run.id)
+        observers = self.runtime.observers
+        if observers.listening:
+            await observers.emit(
+                RunCompleted(run_id=self.run.id, workflow=self.run.workflow, output=output)
+            )
+
+    async def fail(self, error: ErrorInfo) -> None:
+        """Run the on-failure handler (lease still held), then mark the run failed."""
+        handler = self.workflow.failure_handler
+        if handler is not None:
+            ctx = FailureContext(
+                run_id=self.run.id,
+                workflow=self.run.workflow,
+                input=self.input,
+                error=error,
+                step=error.step,
+            )
+            try:
+                result = handler(ctx)
+                if inspect.isawaitable(result):
+                    await result
+            except ControlFlow:
+                raise
+            except Exception as exc:
+                await self.runtime.observers.error(HookError("on_failure handler", exc))
+        stored = await self.storage.update_claimed_run_status(
+            self.run.id, self.lease_id, RunStatus.FAILED, error=error
+        )
+        if not stored:
+            raise LeaseExpiredError(self.run.id)
+        observers = self.runtime.observers
+        if observers.listening:
+            await observers.emit(
+                RunFailed(run_id=self.run.id, workflow=self.run.workflow, error=error)
+            )
+
+    async def _stopped(self, reason: ControlFlow) -> None:
+        """A control-flow stop: write nothing, except releasing the lease on engine stop."""
+        if isinstance(reason, EngineStoppedError):
+            try:
+                await self.storage.update_claimed_run_status(
+                    self.run.id, self.lease_id, RunStatus.PENDING
+                )
+            except Exception as exc:
+                await self.runtime.observers.error(exc)
+        elif isinstance(reason, LeaseExpiredError | RunCancelledError):
+            pass  # the run belongs to someone else now, or to nobody (cancelled)

@@ -1,0 +1,105 @@
+"""Executor of a step unit: replay its checkpoint, or decide, run and checkpoint it."""
+
+from __future__ import annotations
+
+import inspect
+
+from reflow_core import codec
+from reflow_core.context import CancelSignal
+from reflow_core.errors import ControlFlow, SerializationError
+from reflow_core.events import StepCompleted, StepSkipped, StepStarted
+from reflow_core.execution.attempts import run_attempts
+from reflow_core.execution.run import Outcome, RunExecution, describe_error, executor
+from reflow_core.types import StepStatus
+from reflow_core.workflow import StepUnit
+
+__all__ = ["run_step", "run_step_unit"]
+
+
+def replay(ex: RunExecution, unit: StepUnit) -> Outcome | None:
+    """The outcome of a step that already has a final checkpoint, or ``None`` to execute."""
+    row = ex.rows.get(unit.name)
+    if row is None:
+        return None
+    if row.status is StepStatus.COMPLETED:
+        ex.record(unit.name, row.output, unit.output_type)
+        return Outcome.ADVANCE
+    if row.status is StepStatus.COMPLETED_EARLY:
+        ex.record(unit.name, row.output, unit.output_type)
+        return Outcome.COMPLETE
+    if row.status is StepStatus.SKIPPED:
+        return Outcome.PASS
+    if row.status is StepStatus.FAILED and row.error is not None:
+        # Failed for good before the run could be marked failed (a crash in between, or
+        # during on_failure): finish the failure rather than retrying behind its back.
+        ex.failure = row.error
+        return Outcome.FAIL
+    return None
+
+
+async def _decide(ex: RunExecution, unit: StepUnit) -> bool:
+    assert unit.when is not None
+    result = unit.when(ex.context(unit.name, 0, CancelSignal()))
+    if inspect.isawaitable(result):
+        result = await result
+    return bool(result)
+
+
+async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = True) -> Outcome:
+    """Execute ``unit`` (no checkpoint yet) and checkpoint its result."""
+    observers = ex.runtime.observers
+    run = ex.run
+    if unit.when is not None:
+        try:
+            runs = await _decide(ex, unit)
+        except ControlFlow:
+            raise
+        except Exception as exc:
+            ex.failure = describe_error(exc, unit.name)
+            return Outcome.FAIL
+        if not runs:
+            await ex.save(unit.name, StepStatus.SKIPPED)
+            if observers.listening:
+                await observers.emit(
+                    StepSkipped(run_id=run.id, workflow=run.workflow, step=unit.name)
+                )
+            return Outcome.PASS
+    if announce and observers.listening:
+        await observers.emit(StepStarted(run_id=run.id, workflow=run.workflow, step=unit.name))
+    result = await run_attempts(ex, unit)
+    if result.error is None:
+        try:
+            plain = codec.to_plain(result.value, unit.output_type)
+            encoded = codec.encode(plain)
+        except SerializationError as exc:
+            result.error = SerializationError(
+                f"step {unit.name!r} returned a value that cannot be stored: {exc}", exc.path
+            )
+    if result.error is not None:
+        info = describe_error(result.error, unit.name)
+        await ex.save(unit.name, StepStatus.FAILED, error=info, attempts=result.attempts)
+        ex.failure = info
+        return Outcome.FAIL
+    status = StepStatus.COMPLETED_EARLY if result.early else StepStatus.COMPLETED
+    await ex.save(unit.name, status, output=plain, attempts=result.attempts)
+    ex.record(unit.name, plain, unit.output_type, encoded)
+    if observers.listening:
+        await observers.emit(
+            StepCompleted(
+                run_id=run.id,
+                workflow=run.workflow,
+                step=unit.name,
+                output=codec.decode(encoded),
+                attempts=result.attempts,
+            )
+        )
+    return Outcome.COMPLETE if result.early else Outcome.ADVANCE
+
+
+@executor(StepUnit)
+async def run_step(ex: RunExecution, unit: StepUnit) -> Outcome:
+    """Replay the step's checkpoint if it has one, else execute it."""
+    replayed = replay(ex, unit)
+    if replayed is not None:
+        return replayed
+    return await run_step_unit(ex, unit)
