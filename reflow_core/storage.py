@@ -105,7 +105,10 @@ class StorageAdapter(Protocol):
         ...
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
-        """Renew a held lease (``heartbeat_at = now``). ``False`` once the lease is lost."""
+        """Renew a held lease (``heartbeat_at = now``; ``updated_at`` is not changed).
+
+        ``False`` once the lease is lost (reclaimed, cancelled, released).
+        """
         ...
 
     async def sleep_run(self, run_id: str, lease_id: str, wake_at: int) -> bool:
@@ -170,8 +173,8 @@ class StorageAdapter(Protocol):
 
         With ``lease_id``: a no-op returning ``False`` unless the run is held with that
         lease; the check and the write are atomic. ``created_at`` of an existing row is
-        kept. ``(run_id, name)`` is unique: a different id for an existing pair is a
-        ``StorageError``.
+        kept. ``(run_id, name)`` is unique: a different id for an existing pair, or an
+        existing id under a different pair, is a ``StorageError``.
         """
         ...
 
@@ -213,7 +216,8 @@ class StorageAdapter(Protocol):
 
         In the same transaction advance ``next_run_at`` with
         :func:`reflow_core.schedule.next_fire_time`, guarded on the old value, so one
-        occurrence fires once across all workers. Ties broken by ``key``.
+        occurrence fires once across all workers. Ties broken by ``key``. Returns the
+        schedule as stored after advancing, and ``slot``, the occurrence that fired.
         """
         ...
 
