@@ -23,7 +23,12 @@ import msgspec
 import pluggy
 
 from reflow_core import hookspecs
-from reflow_core.errors import AdapterConflictError, AdapterNotFoundError, ConfigError
+from reflow_core.errors import (
+    AdapterConflictError,
+    AdapterError,
+    AdapterNotFoundError,
+    ConfigError,
+)
 from reflow_core.storage import StorageAdapter
 
 __all__ = [
@@ -122,7 +127,14 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             )
             continue
         _state.origins[id(plugin)] = (dist, version)
-    pm.check_pending()
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        # A misspelled hook would otherwise be silently never called.
+        raise AdapterError(
+            f"plugin {exc.plugin!r} implements a hook Reflow does not define: {exc}; "
+            "hook names start with 'reflow_' (see reflow_core.hookspecs)"
+        ) from exc
 
 
 def plugin_manager() -> pluggy.PluginManager:

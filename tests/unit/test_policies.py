@@ -1,0 +1,101 @@
+"""Retry and lease arithmetic, and duration parsing, tested without an engine."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from reflow_core import (
+    ConfigError,
+    LeaseExpiredError,
+    LeaseOptions,
+    RetryPolicy,
+    SerializationError,
+    StepTimeoutError,
+)
+from reflow_core.durations import to_millis, to_seconds
+
+
+@pytest.mark.parametrize(
+    ("backoff", "delays"),
+    [
+        ("fixed", [0.2, 0.2, 0.2]),
+        ("linear", [0.2, 0.4, 0.6]),
+        ("exponential", [0.2, 0.4, 0.8]),
+    ],
+)
+def test_backoff_shapes(backoff: str, delays: list[float]) -> None:
+    policy = RetryPolicy(max_attempts=4, backoff=backoff, initial_delay=0.2)  # type: ignore[arg-type]
+    got = [policy.decide(n, RuntimeError()) for n in (1, 2, 3)]
+    assert [d.retry for d in got] == [True, True, True]
+    assert [d.delay for d in got] == pytest.approx(delays)
+    assert policy.decide(4, RuntimeError()).retry is False
+
+
+def test_max_delay_caps_and_jitter_stays_within_bounds() -> None:
+    policy = RetryPolicy(max_attempts=20, initial_delay=1, max_delay=5, jitter=0.5)
+    for attempt in range(1, 19):
+        delay = policy.decide(attempt, ValueError()).delay
+        cap = min(2 ** (attempt - 1), 5)
+        assert cap * 0.5 <= delay <= cap
+    spread = {policy.decide(10, ValueError()).delay for _ in range(20)}
+    assert len(spread) > 1, "jitter must vary the delay"
+
+
+def test_retryable_filters() -> None:
+    policy = RetryPolicy(max_attempts=3, retry_on=(ConnectionError,), give_up_on=(BrokenPipeError,))
+    assert policy.decide(1, ConnectionResetError()).retry is True
+    assert policy.decide(1, BrokenPipeError()).retry is False
+    assert policy.decide(1, ValueError()).retry is False
+    lenient = RetryPolicy(max_attempts=3)
+    assert lenient.decide(1, StepTimeoutError("s", 1.0)).retry is True
+    assert lenient.decide(1, LeaseExpiredError("r")).retry is False
+    assert lenient.decide(1, SerializationError("$: bad")).retry is False
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_attempts": 0},
+        {"max_attempts": 1.5},
+        {"backoff": "quadratic"},
+        {"initial_delay": -1},
+        {"max_delay": -1},
+        {"jitter": 1.5},
+        {"retry_on": (int,)},
+    ],
+)
+def test_invalid_retry_policies_are_refused_at_definition(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_lease_arithmetic() -> None:
+    lease = LeaseOptions(duration="30s")
+    assert lease.heartbeat_every == 10.0
+    assert lease.stale_before(100_000) == 70_000
+    assert not lease.expired(last_renewed_ms=0, now_ms=29_999)
+    assert lease.expired(last_renewed_ms=0, now_ms=30_000)
+    with pytest.raises(ConfigError, match="shorter"):
+        LeaseOptions(duration=10, heartbeat_interval=10)
+    with pytest.raises(ConfigError):
+        LeaseOptions(duration=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("250ms", 0.25), ("30s", 30), ("5m", 300), ("1.5h", 5400), ("7d", 604800), ("2w", 1209600)],
+)
+def test_duration_strings(text: str, seconds: float) -> None:
+    assert to_seconds(text) == seconds
+
+
+def test_duration_forms_and_errors() -> None:
+    assert to_seconds(timedelta(minutes=2)) == 120
+    assert to_millis(0.0011) == 2  # rounded up: a wait is never shorter than asked
+    for bad in ("soon", "-5s", "1h30m", True, float("nan"), -1, None):
+        with pytest.raises(ConfigError):
+            to_seconds(bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="positive"):
+        to_seconds(0, allow_zero=False)
