@@ -88,6 +88,12 @@ class Dispatcher:
 
     def spawn(self, claimed: ClaimedRun) -> asyncio.Task[None]:
         """Execute a claimed run in its own task; the slot is released when it ends."""
+        previous = self.active.get(claimed.run.id)
+        if previous is not None:
+            # We re-claimed a run we still execute (our own heartbeats looked stale to the
+            # claim, e.g. a stalled loop): the old execution lost its lease; stop it now
+            # rather than let two executions of one run overlap in this process.
+            previous.abort(LeaseExpiredError(previous.run_id))
         active = ActiveRun(
             run_id=claimed.run.id,
             workflow=claimed.run.workflow,

@@ -16,6 +16,8 @@ Rules that apply to every method:
 * A driver exception never escapes: it becomes ``StorageError`` naming the
   operation, with the driver's exception as ``__cause__``. A failed call leaves
   stored state as it was (no half-written run, step or schedule).
+* Status arguments are :class:`RunStatus` members; adapters also accept their string
+  values (``"pending"``), since ``RunStatus`` is a ``StrEnum``.
 * "Held" means: the run is ``running`` and its ``lease_id`` equals the one given.
   Every lease-checked method is a no-op returning ``False`` when the lease is not held.
 """
@@ -96,7 +98,8 @@ class StorageAdapter(Protocol):
         """Atomically claim the oldest claimable run of the named workflows.
 
         Claimable: ``pending``; ``running`` with ``heartbeat_at < stale_before`` (when
-        given); ``sleeping`` or ``waiting`` with ``wake_at <= now``. Oldest means lowest
+        given); ``sleeping`` or ``waiting`` with ``wake_at <= now``; ``waiting`` with an
+        event of its ``waiting_for`` name already buffered. Oldest means lowest
         ``(created_at, id)``. The claim sets ``running``, a new unique ``lease_id``,
         ``heartbeat_at = now``, clears ``wake_at``/``waiting_for`` and adds one to
         ``attempt``. Two concurrent callers (threads, processes, machines) never get the
@@ -236,7 +239,9 @@ class WorkNotifier(Protocol):
 
     The engine runs :meth:`listen_for_work` as a background task while it is started and
     cancels it on stop. The adapter calls ``on_work`` whenever a run may have become
-    claimable (created, woken, released), and keeps listening across reconnects.
+    claimable (created, woken, released, put to sleep so idle workers recompute their
+    next wake-up), keeps listening across reconnects, and calls ``on_work`` once after
+    each reconnect because notifications may have been missed meanwhile.
     """
 
     async def listen_for_work(self, on_work: Callable[[], None]) -> None:

@@ -1,0 +1,108 @@
+"""Registers :class:`PostgresStorage` through the ``reflow`` entry-point group.
+
+This module is named in ``pyproject.toml`` exactly as a third-party adapter's would be;
+importing it does no I/O and does not import psycopg (the factories do, lazily), so a
+missing ``postgres`` extra is reported when the adapter is used, not at discovery.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from reflow_core.errors import ConfigError
+from reflow_core.hookspecs import hookimpl
+from reflow_core.registry import AdapterSpec, Capability
+from reflow_core.storage import StorageAdapter
+
+__all__ = ["create", "create_for_conformance", "reflow_adapters"]
+
+TEST_DSN_ENV = "REFLOW_TEST_POSTGRES_DSN"
+
+
+def _storage_class() -> Any:
+    try:
+        from reflow_adapters.postgres.storage import PostgresStorage
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ConfigError(
+            f"the postgres adapter needs psycopg: pip install 'reflow[postgres]' ({exc})"
+        ) from exc
+    return PostgresStorage
+
+
+def create(url: str | None = None, **options: Any) -> StorageAdapter:
+    """``postgresql://...`` URL (``reflow_schema`` query parameter optional) or ``dsn=``."""
+    dsn = url or options.pop("dsn", None)
+    if not dsn:
+        raise ConfigError(
+            "the postgres adapter needs a DSN: open_storage('postgresql://user@host/db') "
+            "or open_storage('postgres', dsn='...')"
+        )
+    storage: StorageAdapter = _storage_class()(dsn, **options)
+    return storage
+
+
+def create_for_conformance(tmp_path: Path, options: Mapping[str, str]) -> StorageAdapter:
+    """A fresh, empty store in a schema of its own, dropped when the test process exits.
+
+    Not dropped on ``close()``: the kit's durability cases close a store and reopen its
+    URL, expecting the data to be there.
+    """
+    dsn = options.get("dsn") or os.environ.get(TEST_DSN_ENV)
+    if not dsn:
+        raise ConfigError(
+            "the postgres conformance run needs a server: pass --reflow-option dsn=... "
+            f"or set {TEST_DSN_ENV}"
+        )
+    schema = f"reflow_test_{uuid.uuid4().hex[:12]}"
+    storage: StorageAdapter = _storage_class()(dsn, schema=schema)
+    if not _test_schemas:
+        atexit.register(_drop_test_schemas)
+    _test_schemas.append((storage.url or dsn, schema))
+    return storage
+
+
+_test_schemas: list[tuple[str, str]] = []
+
+
+def _drop_test_schemas() -> None:
+    """Drop the conformance schemas this process made (best effort: the run is over)."""
+    import psycopg
+    from psycopg import sql
+
+    from reflow_adapters.postgres.conninfo import split_dsn
+
+    for url, schema in _test_schemas:
+        try:
+            with psycopg.connect(split_dsn(url)[0], autocommit=True, connect_timeout=5) as conn:
+                drop = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+                conn.execute(drop.format(sql.Identifier(schema)))
+        except psycopg.Error:
+            pass
+    _test_schemas.clear()
+
+
+@hookimpl
+def reflow_adapters() -> list[AdapterSpec]:
+    """The PostgreSQL adapter."""
+    return [
+        AdapterSpec(
+            name="postgres",
+            factory=create,
+            schemes=("postgresql", "postgres"),
+            capabilities=frozenset(
+                {
+                    Capability.DURABLE,
+                    Capability.CROSS_PROCESS,
+                    Capability.THREADS,
+                    Capability.NOTIFY,
+                }
+            ),
+            conformance_factory=create_for_conformance,
+            description="PostgreSQL via psycopg 3: many workers on many machines, LISTEN/NOTIFY",
+        )
+    ]

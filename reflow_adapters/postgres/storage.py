@@ -1,0 +1,561 @@
+"""``PostgresStorage``: the storage contract on PostgreSQL, for many workers on many machines.
+
+Design in brief (the queries themselves are in ``queries.sql``):
+
+* One ``AsyncConnectionPool`` of autocommit connections. A method that is one SQL
+  statement runs as that statement; a method that needs several runs them in one
+  explicit transaction. Either way a failed call leaves nothing half-written.
+* The adapter's schema is every connection's ``search_path`` (a ``-c`` option in the
+  conninfo), so ``queries.sql`` is schema-agnostic and readable. Schema names are
+  restricted to lowercase identifiers, which makes that option safe without quoting.
+* Times come from the adapter's clock and are passed as parameters (never ``now()``).
+* Values go through :mod:`reflow_core.codec` *before* any SQL and are stored in
+  ``json`` columns, which keep the codec's text byte for byte; json columns are loaded
+  back as text (a connection-level loader) and decoded by the codec.
+* Driver errors are translated in exactly one place, :meth:`PostgresStorage._translated`.
+* Work notifications (``pg_notify``) are sent inside the transaction that made a run
+  claimable, so they arrive on commit only; :mod:`.notify` listens for them.
+
+The module runs past the ~400-line guide because it holds one short method per contract
+row and nothing else: DSN handling is in ``conninfo.py``, row mapping in ``records.py``,
+the listener in ``notify.py``, SQL in ``queries.sql``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
+from typing import Any, LiteralString
+
+import psycopg
+import psycopg_pool
+from psycopg import AsyncConnection, sql
+from psycopg.adapt import AdaptersMap
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.string import TextLoader
+
+from reflow_core import codec
+from reflow_core.errors import ConfigError, StorageError
+from reflow_core.schedule import next_fire_time
+from reflow_core.storage import Clock, system_clock
+from reflow_core.types import (
+    ClaimedRun,
+    ClaimedSchedule,
+    CreateRunResult,
+    ErrorInfo,
+    EventRecord,
+    RunFilter,
+    RunStatus,
+    Schedule,
+    StepResult,
+    StepStatus,
+    WorkflowRun,
+)
+
+from .conninfo import advisory_key, split_dsn, with_schema_param
+from .notify import listen
+from .records import dump_error, dump_recurrence, dump_value, to_run, to_schedule, to_step
+from .sql import migrations, queries
+
+__all__ = ["PostgresStorage"]
+
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,49}")
+# What a call may raise when the server, the network or the pool fails. PoolTimeout and
+# PoolClosed derive from psycopg.OperationalError; listed for the reader.
+_DRIVER_ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, OSError)
+
+
+def _q(name: str) -> LiteralString:
+    """The named query from queries.sql (parsed once, on first use)."""
+    return queries()[name]
+
+
+class PostgresStorage:
+    """Reflow storage on PostgreSQL (psycopg 3, async), shared by any number of workers.
+
+    ``dsn`` is a libpq connection string or ``postgresql://`` URL. ``schema`` (a lowercase
+    identifier) holds the tables; by default the DSN's ``reflow_schema`` query parameter,
+    else ``"reflow"``. Nothing connects until :meth:`initialize`. ``drop_schema_on_close``
+    drops the whole schema in :meth:`close` (for tests).
+    """
+
+    listen_timeout_s: float = 30.0
+    """How long the listener waits for a notification before probing its connection."""
+    reconnect_initial_s: float = 0.1
+    reconnect_max_s: float = 10.0
+    """Bounds of the listener's exponential reconnection backoff."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        clock: Clock | None = None,
+        min_size: int = 1,
+        max_size: int = 10,
+        drop_schema_on_close: bool = False,
+    ) -> None:
+        base_dsn, dsn_schema = split_dsn(dsn)
+        self.schema = schema or dsn_schema or "reflow"
+        if not _SCHEMA_NAME.fullmatch(self.schema):
+            raise ConfigError(
+                f"schema name {self.schema!r} is not allowed; use 1-50 lowercase letters, "
+                "digits and underscores, not starting with a digit"
+            )
+        if not 0 <= min_size <= max_size or max_size < 1:
+            raise ConfigError(
+                f"need 0 <= min_size <= max_size, max_size >= 1; got "
+                f"min_size={min_size}, max_size={max_size}"
+            )
+        try:
+            params = conninfo_to_dict(base_dsn)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigError(f"invalid PostgreSQL DSN: {exc}") from None
+        options = f"{params.get('options') or ''} -c search_path={self.schema}".strip()
+        self._conninfo = make_conninfo(
+            base_dsn,
+            options=options,
+            application_name=str(params.get("application_name") or f"reflow:{self.schema}"),
+        )
+        self.url: str | None = with_schema_param(base_dsn, self.schema)
+        self.channel = f"{self.schema}_work"
+        """The LISTEN/NOTIFY channel: one per schema, so separate stores never cross-talk."""
+        self._clock = clock or system_clock
+        self._min_size, self._max_size = min_size, max_size
+        self._drop_schema_on_close = drop_schema_on_close
+        # json columns load as their exact text; the codec, not psycopg, decodes them.
+        self._adapters = AdaptersMap(psycopg.adapters)
+        self._adapters.register_loader("json", TextLoader)
+        self._pool: psycopg_pool.AsyncConnectionPool[AsyncConnection[DictRow]] | None = None
+        self._closed = False
+        self._listeners: set[AsyncConnection[Any]] = set()
+
+    def __repr__(self) -> str:
+        return f"PostgresStorage(schema={self.schema!r})"
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _translated(operation: str) -> Iterator[None]:
+        """THE place driver errors become :class:`StorageError` (driver error as cause)."""
+        try:
+            yield
+        except _DRIVER_ERRORS as exc:
+            raise StorageError(operation, str(exc) or type(exc).__name__) from exc
+
+    @contextlib.asynccontextmanager
+    async def _connection(
+        self, operation: str, *, transaction: bool = False
+    ) -> AsyncIterator[AsyncConnection[DictRow]]:
+        """A pooled connection, in a transaction if asked. A broken connection is
+        discarded by the pool on return, and the next call gets a fresh one."""
+        if self._pool is None:
+            state = "closed" if self._closed else "not initialized; call initialize() first"
+            raise StorageError(operation, f"the PostgreSQL adapter is {state}")
+        with self._translated(operation):
+            async with self._pool.connection() as conn:
+                if transaction:
+                    async with conn.transaction():
+                        yield conn
+                else:
+                    yield conn
+
+    async def _fetch_one(
+        self, operation: str, query: LiteralString, params: Mapping[str, Any]
+    ) -> DictRow | None:
+        async with self._connection(operation) as conn:
+            cur = await conn.execute(query, params)
+            return await cur.fetchone()
+
+    async def _fetch_all(
+        self, operation: str, query: LiteralString, params: Mapping[str, Any]
+    ) -> list[DictRow]:
+        async with self._connection(operation) as conn:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
+
+    async def _write(self, operation: str, query: LiteralString, params: Mapping[str, Any]) -> bool:
+        """One statement; ``True`` if it touched a row."""
+        async with self._connection(operation) as conn:
+            cur = await conn.execute(query, params)
+            return cur.rowcount > 0
+
+    async def _notify(self, conn: AsyncConnection[DictRow]) -> None:
+        await conn.execute(_q("notify_work"), {"channel": self.channel})
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def initialize(self) -> None:
+        """Open the pool (once) and apply pending migrations under an advisory lock."""
+        await self._open_pool()
+        await self._migrate()
+
+    async def _open_pool(self) -> None:
+        if self._closed:
+            raise StorageError("initialize", "the PostgreSQL adapter is closed")
+        if self._pool is not None:
+            return
+        pool = psycopg_pool.AsyncConnectionPool(
+            self._conninfo,
+            connection_class=AsyncConnection[DictRow],
+            kwargs={"autocommit": True, "row_factory": dict_row, "context": self._adapters},
+            min_size=self._min_size,
+            max_size=self._max_size,
+            open=False,
+            # Probe each connection before handing it out, so one killed by a server
+            # restart or failover is replaced instead of failing the next call.
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
+            name=f"reflow:{self.schema}",
+        )
+        try:
+            with self._translated("initialize"):
+                # One direct connection first: a wrong DSN or a server that is down fails
+                # here at once with libpq's message, not after the pool's 30 s timeout.
+                await (await AsyncConnection.connect(self._conninfo)).close()
+                await pool.open(wait=True)
+        except StorageError:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def _migrate(self, *, up_to: int | None = None) -> None:
+        """Apply the migrations not yet recorded, all in one transaction.
+
+        The transaction-level advisory lock makes workers that start together queue up:
+        the first creates everything, the others then find every version recorded.
+        """
+        async with self._connection("initialize", transaction=True) as conn:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (advisory_key(self.schema),))
+            await conn.execute(
+                sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema))
+            )
+            await conn.execute(_q("create_schema_version"))
+            cur = await conn.execute(_q("applied_versions"))
+            applied = {row["version"] for row in await cur.fetchall()}
+            for migration in migrations():
+                if migration.version in applied or (
+                    up_to is not None and migration.version > up_to
+                ):
+                    continue
+                await conn.execute(migration.sql)
+                await conn.execute(
+                    _q("record_version"), {"version": migration.version, "name": migration.name}
+                )
+
+    async def close(self) -> None:
+        """Close listeners and the pool (dropping the schema first if asked). Safe twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._listeners):
+            await conn.close()  # ends that listen_for_work loop (it sees _closed)
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            if self._drop_schema_on_close:
+                with self._translated("close"):
+                    async with pool.connection() as conn:
+                        drop = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+                        await conn.execute(drop.format(sql.Identifier(self.schema)))
+        finally:
+            await pool.close()
+
+    async def listen_for_work(self, on_work: Callable[[], None]) -> None:
+        """Call ``on_work`` for each work notification until cancelled (``WorkNotifier``)."""
+        if self._closed:
+            raise StorageError("listen_for_work", "the PostgreSQL adapter is closed")
+        await listen(
+            self._conninfo,
+            self.channel,
+            on_work,
+            connections=self._listeners,
+            stopped=lambda: self._closed,
+            probe_after_s=self.listen_timeout_s,
+            backoff_initial_s=self.reconnect_initial_s,
+            backoff_max_s=self.reconnect_max_s,
+        )
+
+    # -- runs -------------------------------------------------------------------------
+
+    async def create_run(self, run: WorkflowRun) -> CreateRunResult:
+        """Insert a pending run; an existing idempotency key returns that run instead."""
+        params = {
+            "id": run.id,
+            "workflow": run.workflow,
+            "status": RunStatus(run.status).value,
+            "input": dump_value(run.input),
+            "output": dump_value(run.output),
+            "error": dump_error(run.error),
+            "idempotency_key": run.idempotency_key,
+            "wake_at": run.wake_at,
+            "waiting_for": run.waiting_for,
+            "heartbeat_at": run.heartbeat_at,
+            "attempt": run.attempt,
+            "created_at": run.created_at,
+            "updated_at": run.updated_at,
+        }
+        async with self._connection("create_run", transaction=True) as conn:
+            cur = await conn.execute(_q("insert_run"), params)
+            row = await cur.fetchone()
+            if row is not None:
+                await self._notify(conn)
+                return CreateRunResult(to_run(row), created=True)
+            # ON CONFLICT waited for any concurrent inserter to commit, and this new
+            # statement's snapshot sees its row.
+            cur = await conn.execute(_q("get_run_by_idempotency_key"), params)
+            row = await cur.fetchone()
+        if row is None:  # pragma: no cover - the conflicting row cannot vanish in between
+            raise StorageError("create_run", "idempotency key conflict but no run found")
+        return CreateRunResult(to_run(row), created=False)
+
+    async def get_run(self, run_id: str) -> WorkflowRun | None:
+        """The run, or ``None``."""
+        row = await self._fetch_one("get_run", _q("get_run"), {"id": run_id})
+        return None if row is None else to_run(row)
+
+    async def list_runs(self, filter: RunFilter) -> list[WorkflowRun]:
+        """Newest first by ``(created_at, id)``, filtered, keyset-paged."""
+        params = {
+            "status": None if filter.status is None else RunStatus(filter.status).value,
+            "workflow": filter.workflow,
+            "before": filter.before,
+            "before_id": filter.before_id,
+            "limit": max(filter.limit, 0),
+        }
+        rows = await self._fetch_all("list_runs", _q("list_runs"), params)
+        return [to_run(row) for row in rows]
+
+    async def claim_next_run(
+        self, workflow_names: Collection[str], stale_before: int | None = None
+    ) -> ClaimedRun | None:
+        """Claim the oldest claimable run in one ``UPDATE ... FOR UPDATE SKIP LOCKED``."""
+        names = list(workflow_names)
+        if not names:
+            return None
+        lease_id = str(uuid.uuid4())
+        params = {
+            "names": names,
+            "lease_id": lease_id,
+            "now": self._clock(),
+            "stale_before": stale_before,
+        }
+        row = await self._fetch_one("claim_next_run", _q("claim_next_run"), params)
+        return None if row is None else ClaimedRun(to_run(row), lease_id)
+
+    async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
+        """Renew a held lease."""
+        params = {"id": run_id, "lease_id": lease_id, "now": self._clock()}
+        return await self._write("heartbeat_run", _q("heartbeat_run"), params)
+
+    async def sleep_run(self, run_id: str, lease_id: str, wake_at: int) -> bool:
+        """Held run to sleeping; notifies so idle workers recompute their next wake time."""
+        params = {"id": run_id, "lease_id": lease_id, "wake_at": wake_at, "now": self._clock()}
+        async with self._connection("sleep_run", transaction=True) as conn:
+            cur = await conn.execute(_q("sleep_run"), params)
+            if cur.rowcount == 0:
+                return False
+            await self._notify(conn)
+            return True
+
+    async def wait_run(
+        self, run_id: str, lease_id: str, event_name: str, wake_at: int | None
+    ) -> bool:
+        """Held run to waiting, or straight to pending if a matching event is buffered."""
+        params = {
+            "id": run_id,
+            "lease_id": lease_id,
+            "event_name": event_name,
+            "wake_at": wake_at,
+            "now": self._clock(),
+        }
+        async with self._connection("wait_run", transaction=True) as conn:
+            cur = await conn.execute(_q("lock_held_run"), params)
+            if await cur.fetchone() is None:
+                return False
+            cur = await conn.execute(_q("wait_run"), params)
+            row = await cur.fetchone()
+            if row is not None and row["status"] == RunStatus.PENDING.value:
+                await self._notify(conn)
+            return row is not None
+
+    async def update_run_status(
+        self,
+        run_id: str,
+        status: RunStatus,
+        *,
+        expected: Collection[RunStatus] | None = None,
+    ) -> bool:
+        """Set a status without a lease check; ``expected`` makes it conditional, atomically."""
+        params = {
+            "id": run_id,
+            "status": RunStatus(status).value,
+            "expected": None if expected is None else [RunStatus(s).value for s in expected],
+            "now": self._clock(),
+        }
+        async with self._connection("update_run_status", transaction=True) as conn:
+            cur = await conn.execute(_q("update_run_status"), params)
+            if cur.rowcount == 0:
+                return False
+            if status == RunStatus.PENDING:
+                await self._notify(conn)
+            return True
+
+    async def update_claimed_run_status(
+        self,
+        run_id: str,
+        lease_id: str,
+        status: RunStatus,
+        *,
+        output: Any = None,
+        error: ErrorInfo | None = None,
+    ) -> bool:
+        """Set a held run's status with its output and error; releases unless running."""
+        params = {
+            "id": run_id,
+            "lease_id": lease_id,
+            "status": RunStatus(status).value,
+            "output": dump_value(output),
+            "error": dump_error(error),
+            "now": self._clock(),
+        }
+        async with self._connection("update_claimed_run_status", transaction=True) as conn:
+            cur = await conn.execute(_q("update_claimed_run_status"), params)
+            if cur.rowcount == 0:
+                return False
+            if status == RunStatus.PENDING:
+                await self._notify(conn)
+            return True
+
+    async def requeue_run(self, run_id: str) -> bool:
+        """A failed or cancelled run back to pending, dropping only its failed steps."""
+        params = {"id": run_id, "now": self._clock()}
+        async with self._connection("requeue_run", transaction=True) as conn:
+            cur = await conn.execute(_q("requeue_run"), params)
+            if cur.rowcount == 0:
+                return False
+            await conn.execute(_q("delete_failed_steps"), params)
+            await self._notify(conn)
+            return True
+
+    # -- steps ------------------------------------------------------------------------
+
+    async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
+        """Upsert a step row by id; lease-checked in the same statement when given."""
+        params = {
+            "id": result.id,
+            "run_id": result.run_id,
+            "name": result.name,
+            "status": StepStatus(result.status).value,
+            "output": dump_value(result.output),
+            "error": dump_error(result.error),
+            "attempts": result.attempts,
+            "created_at": result.created_at,
+            "updated_at": result.updated_at,
+            "wake_at": result.wake_at,
+            "lease_id": lease_id,
+        }
+        async with self._connection("save_step_result") as conn:
+            cur = await conn.execute(_q("save_step_result"), params)
+            if cur.rowcount > 0:
+                return True
+            cur = await conn.execute(_q("get_step_owner"), params)
+            owner = await cur.fetchone()
+        if owner is not None and (owner["run_id"], owner["name"]) != (result.run_id, result.name):
+            raise StorageError(
+                "save_step_result",
+                f"step id {result.id!r} already belongs to run {owner['run_id']!r}, "
+                f"step {owner['name']!r}; it cannot be reused for run {result.run_id!r}, "
+                f"step {result.name!r}",
+            )
+        return False
+
+    async def get_step_results(self, run_id: str) -> list[StepResult]:
+        """The run's steps by ``(created_at, id)``."""
+        rows = await self._fetch_all("get_step_results", _q("get_step_results"), {"run_id": run_id})
+        return [to_step(row) for row in rows]
+
+    # -- events -----------------------------------------------------------------------
+
+    async def deliver_event(self, run_id: str, event_name: str, payload: Any) -> bool:
+        """Buffer an event and wake the run if it waits for that name, in one transaction."""
+        params = {
+            "id": run_id,
+            "event_name": event_name,
+            "payload": dump_value(payload),
+            "now": self._clock(),
+        }
+        async with self._connection("deliver_event", transaction=True) as conn:
+            cur = await conn.execute(_q("lock_run"), params)
+            if await cur.fetchone() is None:
+                return False
+            await conn.execute(_q("insert_event"), params)
+            cur = await conn.execute(_q("wake_waiting_run"), params)
+            if cur.rowcount > 0:
+                await self._notify(conn)
+            return True
+
+    async def take_event(self, run_id: str, event_name: str) -> EventRecord | None:
+        """Remove and return the oldest buffered event of that name (one DELETE)."""
+        params = {"id": run_id, "event_name": event_name}
+        row = await self._fetch_one("take_event", _q("take_event"), params)
+        return (
+            None if row is None else EventRecord(codec.decode(row["payload"]), row["delivered_at"])
+        )
+
+    # -- schedules --------------------------------------------------------------------
+
+    async def upsert_schedule(self, schedule: Schedule) -> Schedule:
+        """Insert or update by key, keeping created_at and (same recurrence) next_run_at."""
+        params = {
+            "key": schedule.key,
+            "workflow": schedule.workflow,
+            "input": dump_value(schedule.input),
+            "recurrence": dump_recurrence(schedule.recurrence),
+            "next_run_at": schedule.next_run_at,
+            "created_at": schedule.created_at,
+            "updated_at": schedule.updated_at,
+        }
+        row = await self._fetch_one("upsert_schedule", _q("upsert_schedule"), params)
+        if row is None:  # pragma: no cover - an upsert always returns its row
+            raise StorageError("upsert_schedule", "upsert returned no row")
+        return to_schedule(row)
+
+    async def claim_due_schedule(
+        self, workflow_names: Collection[str], now: int
+    ) -> ClaimedSchedule | None:
+        """Lock the earliest due schedule and advance it, in one transaction."""
+        names = list(workflow_names)
+        if not names:
+            return None
+        async with self._connection("claim_due_schedule", transaction=True) as conn:
+            cur = await conn.execute(_q("lock_due_schedule"), {"names": names, "now": now})
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            due = to_schedule(row)
+            params = {
+                "key": due.key,
+                "slot": due.next_run_at,
+                "next_run_at": next_fire_time(due.recurrence, due.next_run_at, now),
+                "now": now,
+            }
+            cur = await conn.execute(_q("advance_schedule"), params)
+            advanced = await cur.fetchone()
+        if advanced is None:  # pragma: no cover - the row is locked, so the guard holds
+            return None
+        return ClaimedSchedule(to_schedule(advanced), due.next_run_at)
+
+    async def delete_schedule(self, key: str) -> bool:
+        """Remove a schedule; ``False`` if none."""
+        return await self._write("delete_schedule", _q("delete_schedule"), {"key": key})
+
+    async def list_schedules(self) -> list[Schedule]:
+        """All schedules by key."""
+        rows = await self._fetch_all("list_schedules", _q("list_schedules"), {})
+        return [to_schedule(row) for row in rows]
