@@ -326,9 +326,7 @@ def test_early_completion_ends_the_run(storage_factory: Any) -> None:
             f = await engine.get_run(fresh.id)
             assert c is not None and f is not None
             assert c.run.output == {"from": "cache"}
-            assert [(s.name, s.status) for s in c.steps] == [
-                ("check", StepStatus.COMPLETED_EARLY)
-            ]
+            assert [(s.name, s.status) for s in c.steps] == [("check", StepStatus.COMPLETED_EARLY)]
             assert f.run.output == {"from": "compute"}
         finally:
             await engine.stop()

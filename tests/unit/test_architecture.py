@@ -34,7 +34,11 @@ def imported_modules(package: str) -> dict[Path, set[str]]:
 
 def test_core_imports_no_adapter_and_no_kit() -> None:
     for path, names in imported_modules("reflow_core").items():
-        bad = {n for n in names if n.startswith(("reflow_adapters", "reflow_conformance"))}
+        forbidden: tuple[str, ...] = ("reflow_adapters", "reflow_conformance")
+        if path.name == "cli.py":
+            # `reflow conformance NAME` dispatches to the kit, importing it lazily.
+            forbidden = ("reflow_adapters",)
+        bad = {n for n in names if n.startswith(forbidden)}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 

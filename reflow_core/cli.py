@@ -1,0 +1,278 @@
+"""The ``reflow`` command: a thin click layer over :mod:`~reflow_core.demo`,
+:mod:`~reflow_core.worker`, the conformance kit and read-only run inspection.
+
+click and rich come with the ``cli`` extra. They are imported only when the command
+runs, so ``import reflow_core`` never needs them and a missing extra is one clear line
+instead of a traceback. ``python -m reflow_core.cli`` works like ``reflow``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from reflow_core.errors import ReflowError
+from reflow_core.registry import open_storage
+from reflow_core.types import RunFilter, RunStatus, StepResult, WorkflowRun
+
+if TYPE_CHECKING:
+    import click
+    from rich.console import Console
+
+__all__ = ["MISSING_EXTRA", "build_cli", "main"]
+
+MISSING_EXTRA = "the reflow command needs the 'cli' extra: pip install 'reflow[cli]'"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (``reflow = "reflow_core.cli:main"``)."""
+    try:
+        import click  # noqa: F401
+        import rich  # noqa: F401
+    except ImportError:
+        print(MISSING_EXTRA, file=sys.stderr)
+        raise SystemExit(2) from None
+    build_cli().main(args=list(argv) if argv is not None else None, prog_name="reflow")
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return ""
+    return datetime.fromtimestamp(ms / 1000).isoformat(sep=" ", timespec="seconds")
+
+
+def _console() -> Console:
+    """A rich console; wide when piped, so ids and times are not cut in logs and greps."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, width=160)
+
+
+def _value(value: Any, width: int = 60) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _check_exists(url: str) -> None:
+    """Inspecting must not create a database: a mistyped SQLite path is an error, not a
+    new empty file (``initialize()`` would create one)."""
+    parts = urlsplit(url)
+    if parts.scheme.split("+")[0] in ("sqlite", "apsw") and parts.path not in ("", "/:memory:"):
+        path = Path(unquote(parts.path[1:]))
+        if not path.exists():
+            raise FileNotFoundError(f"no database file at {path}")
+
+
+async def _read_runs(
+    url: str, filter: RunFilter | None, run_id: str | None
+) -> tuple[list[WorkflowRun], list[StepResult]]:
+    """Open the storage, read, close: ``list_runs`` with ``filter``, or one run's rows."""
+    _check_exists(url)
+    storage = open_storage(url)
+    try:
+        await storage.initialize()
+        if run_id is None:
+            assert filter is not None
+            return await storage.list_runs(filter), []
+        run = await storage.get_run(run_id)
+        if run is None:
+            return [], []
+        return [run], await storage.get_step_results(run_id)
+    finally:
+        await storage.close()
+
+
+def build_cli() -> click.Group:
+    """The click command group (a function, so click is imported only when it runs)."""
+    import click
+    from rich.table import Table
+
+    def read(
+        url: str, filter: RunFilter | None = None, run_id: str | None = None
+    ) -> tuple[list[WorkflowRun], list[StepResult]]:
+        try:
+            return asyncio.run(_read_runs(url, filter, run_id))
+        except (ReflowError, FileNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    storage_option = click.option(
+        "--storage",
+        envvar="REFLOW_STORAGE",
+        required=True,
+        metavar="URL",
+        help="Storage URL, e.g. sqlite:///reflow.db (default: $REFLOW_STORAGE).",
+    )
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(package_name="reflow")
+    def cli() -> None:
+        """Reflow: durable workflow execution for Python."""
+
+    @cli.command()
+    @click.option(
+        "--db",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="SQLite file to create (must not exist); default: a temporary directory.",
+    )
+    @click.option("--keep", is_flag=True, help="Keep the temporary files to inspect them.")
+    def demo(db: Path | None, keep: bool) -> None:
+        """Kill a worker mid-run, start another, and prove no completed step ran twice."""
+        from reflow_core.demo import run_demo
+
+        sys.exit(run_demo(db, keep=keep))
+
+    @cli.command()
+    @click.argument("target", metavar="MODULE:ATTR")
+    @click.option("--storage", metavar="URL", help="Storage URL (default: $REFLOW_STORAGE).")
+    @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True)
+    @click.option("--concurrency", type=click.IntRange(min=1), help="Runs at once per process.")
+    @click.option("--lease", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS")
+    @click.option("--poll", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS")
+    @click.option(
+        "--grace",
+        type=click.FloatRange(min=0),
+        default=30.0,
+        show_default=True,
+        metavar="SECONDS",
+        help="On SIGTERM/SIGINT, how long running steps may take to finish.",
+    )
+    @click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        default="info",
+        show_default=True,
+    )
+    def worker(
+        target: str,
+        storage: str | None,
+        processes: int,
+        concurrency: int | None,
+        lease: float | None,
+        poll: float | None,
+        grace: float,
+        log_level: str,
+    ) -> None:
+        """Execute the workflows of MODULE:ATTR until SIGTERM or SIGINT.
+
+        MODULE:ATTR names an Engine, a Workflow, a list of Workflows, or a function
+        returning one of those. Workflows need --storage (or $REFLOW_STORAGE).
+        """
+        from reflow_core import worker as worker_module
+
+        config = worker_module.WorkerConfig(
+            target=target,
+            storage=storage,
+            concurrency=concurrency,
+            lease=lease,
+            poll=poll,
+            grace=grace,
+            log_level=log_level.upper(),
+        )
+        sys.exit(worker_module.run(config, processes))
+
+    @cli.command()
+    @click.argument("name")
+    @click.option("--option", "options", multiple=True, metavar="KEY=VALUE")
+    @click.option("--select", metavar="PATTERN", help="Run only the matching cases.")
+    @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="JSON out.")
+    def conformance(
+        name: str, options: tuple[str, ...], select: str | None, report: Path | None
+    ) -> None:
+        """Run the storage conformance kit against adapter NAME."""
+        parsed: dict[str, str] = {}
+        for item in options:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--option")
+            parsed[key] = value
+        # The one place reflow_core reaches into the kit: the command only dispatches to
+        # it, lazily, so the engine never depends on it (tests/unit/test_architecture.py).
+        try:
+            from reflow_conformance import run
+            from reflow_conformance.report import render_table, to_json
+        except ImportError as exc:
+            raise click.ClickException(f"the conformance kit is not available: {exc}") from exc
+        try:
+            result = run(name, parsed, select=select)
+        except (ReflowError, LookupError) as exc:  # LookupError: --select matched nothing
+            raise click.ClickException(str(exc)) from exc
+        click.echo(render_table(result))
+        if report is not None:
+            report.write_bytes(to_json(result))
+        sys.exit(0 if result.ok else 1)
+
+    @cli.group()
+    def runs() -> None:
+        """Inspect runs in a storage (read-only)."""
+
+    @runs.command("list")
+    @storage_option
+    @click.option("--status", type=click.Choice([s.value for s in RunStatus]))
+    @click.option("--workflow", metavar="NAME")
+    @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+    def list_runs(storage: str, status: str | None, workflow: str | None, limit: int) -> None:
+        """List runs, newest first."""
+        status_filter = RunStatus(status) if status else None
+        found, _ = read(storage, RunFilter(status=status_filter, workflow=workflow, limit=limit))
+        table = Table(title=f"{len(found)} run(s), newest first", title_justify="left")
+        for column in ("id", "workflow", "status", "claims", "created", "updated"):
+            table.add_column(column, no_wrap=column == "id")
+        for run in found:
+            table.add_row(
+                run.id,
+                run.workflow,
+                run.status.value,
+                str(run.attempt),
+                _when(run.created_at),
+                _when(run.updated_at),
+            )
+        _console().print(table)
+
+    @runs.command("show")
+    @click.argument("run_id")
+    @storage_option
+    def show_run(run_id: str, storage: str) -> None:
+        """Show one run and its steps."""
+        found, steps = read(storage, run_id=run_id)
+        if not found:
+            raise click.ClickException(f"no run with id {run_id!r} in {storage}")
+        run = found[0]
+        console = _console()
+        fields = {
+            "run": run.id,
+            "workflow": run.workflow,
+            "status": run.status.value,
+            "claims": str(run.attempt),
+            "created": _when(run.created_at),
+            "updated": _when(run.updated_at),
+            "input": _value(run.input, 200),
+            "output": _value(run.output, 200) if run.status is RunStatus.COMPLETED else "",
+            "error": f"{run.error.type}: {run.error.message}" if run.error else "",
+        }
+        for key, text in fields.items():
+            if text:
+                console.print(f"[bold]{key:>9}[/bold]  {text}", highlight=False)
+        table = Table(title="steps", title_justify="left")
+        for column in ("step", "status", "attempts", "updated", "output / error"):
+            table.add_column(column)
+        for step in steps:
+            detail = (
+                f"{step.error.type}: {step.error.message}" if step.error else _value(step.output)
+            )
+            table.add_row(
+                step.name, step.status.value, str(step.attempts), _when(step.updated_at), detail
+            )
+        console.print(table)
+
+    return cli
+
+
+if __name__ == "__main__":
+    main()

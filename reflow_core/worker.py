@@ -1,0 +1,445 @@
+"""Worker processes for ``reflow worker``: load the app, run it, stop gracefully, supervise.
+
+Everything here is plain functions and classes, usable without click (tests, bench)::
+
+    from reflow_core.worker import WorkerConfig, run
+
+    exit_code = run(WorkerConfig("myapp.flows:workflows", storage="sqlite:///app.db"), processes=2)
+
+``config.target`` is ``MODULE:ATTR`` naming an :class:`~reflow_core.Engine`, a
+:class:`~reflow_core.Workflow`, a list of workflows, or a zero-argument callable returning
+one of those. An engine cannot cross a process boundary, so every worker process imports
+the target itself; with ``processes > 1`` a supervisor starts ``python -m
+reflow_core.worker`` children, forwards SIGTERM/SIGINT to them, and restarts one that
+crashes (with backoff).
+
+Shutdown on SIGTERM or SIGINT: the engine stops claiming, running steps get ``grace``
+seconds to finish, and the leases of runs still executing are released so another worker
+resumes them at once. A second signal exits immediately (leases then expire on their own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from reflow_core.engine import Engine
+from reflow_core.errors import ConfigError
+from reflow_core.events import RunCompleted, RunFailed, RunStarted, StepCompleted
+from reflow_core.hookspecs import hookimpl
+from reflow_core.lease import LeaseOptions
+from reflow_core.registry import plugin_manager
+from reflow_core.workflow import Workflow
+
+__all__ = ["RunLogger", "Supervisor", "WorkerConfig", "build_engine", "load_target", "run"]
+
+log = logging.getLogger("reflow.worker")
+
+CONFIG_EXIT = 2
+"""Exit code of a worker that cannot start (bad target or options): never restarted."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """What one worker process needs. ``None`` means "not given": the engine's default,
+    or the setting of a target that is already an :class:`Engine`."""
+
+    target: str
+    storage: str | None = None
+    concurrency: int | None = None
+    lease: float | None = None
+    poll: float | None = None
+    grace: float = 30.0
+    log_level: str = "INFO"
+
+    def argv(self) -> list[str]:
+        """Arguments recreating this config in a child (``python -m reflow_core.worker``)."""
+        args = [self.target, "--grace", repr(self.grace), "--log-level", self.log_level]
+        for flag, value in (
+            ("--storage", self.storage),
+            ("--concurrency", self.concurrency),
+            ("--lease", self.lease),
+            ("--poll", self.poll),
+        ):
+            if value is not None:
+                args += [flag, str(value)]
+        return args
+
+
+def load_target(spec: str) -> Engine | list[Workflow[Any]]:
+    """Import ``MODULE:ATTR`` and return an engine or the workflows it names.
+
+    The current directory is importable, as with ``python -m``, so ``reflow worker
+    app:flows`` finds ``./app.py``. Raises :class:`ConfigError` saying what is wrong.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"expected MODULE:ATTR (e.g. myapp.flows:workflows), got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"cannot import module {module_name!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
+    if callable(obj) and not isinstance(obj, Engine | Workflow | type):
+        obj = obj()
+    if isinstance(obj, Engine):
+        return obj
+    if isinstance(obj, Workflow):
+        return [obj]
+    if isinstance(obj, list | tuple) and obj and all(isinstance(w, Workflow) for w in obj):
+        return list(obj)
+    raise ConfigError(
+        f"{spec} is {type(obj).__name__}; expected an Engine, a Workflow, a list of "
+        "Workflows, or a zero-argument function returning one of those"
+    )
+
+
+def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
+    """The engine one worker process runs, from ``config.target`` and its options, and a
+    description of its storage for the log (a URL without its password)."""
+    target = load_target(config.target)
+    if isinstance(target, Engine):
+        given = [
+            flag
+            for flag, value in (
+                ("--storage", config.storage),
+                ("--concurrency", config.concurrency),
+                ("--lease", config.lease),
+                ("--poll", config.poll),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(
+                f"{config.target} is an Engine, which already has its storage and settings; "
+                f"drop {', '.join(given)} or point at the workflows instead"
+            )
+        return target, type(target.storage).__name__
+    storage = config.storage or os.environ.get("REFLOW_STORAGE")
+    if not storage:
+        raise ConfigError(
+            f"{config.target} names workflows, so the worker needs a storage: pass "
+            "--storage URL (e.g. sqlite:///reflow.db) or set REFLOW_STORAGE"
+        )
+    engine = Engine(
+        storage,
+        target,
+        concurrency=10 if config.concurrency is None else config.concurrency,
+        lease=None if config.lease is None else LeaseOptions(duration=config.lease),
+        poll_interval=1.0 if config.poll is None else config.poll,
+    )
+    return engine, redact(storage)
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, fit for a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class RunLogger:
+    """Engine hooks writing one operator-readable line per run start, completion, failure.
+
+    Registered as a process-wide plugin, so it also observes an engine the user built.
+    """
+
+    def __init__(self) -> None:
+        self._started: dict[str, float] = {}
+
+    def _took(self, run_id: str) -> str:
+        began = self._started.pop(run_id, None)
+        return "?" if began is None else f"{time.monotonic() - began:.2f}s"
+
+    @hookimpl
+    def reflow_run_started(self, event: RunStarted) -> None:
+        """Log a claim; a claim after the first is a resumption."""
+        self._started[event.run_id] = time.monotonic()
+        if event.attempt > 1:
+            log.info("run %s (%s) resumed, claim #%d", event.run_id, event.workflow, event.attempt)
+        else:
+            log.info("run %s (%s) started", event.run_id, event.workflow)
+
+    @hookimpl
+    def reflow_step_completed(self, event: StepCompleted) -> None:
+        """Steps at debug level: operators usually want runs, not steps."""
+        log.debug(
+            "run %s (%s) step %s completed (attempts: %d)",
+            event.run_id,
+            event.workflow,
+            event.step,
+            event.attempts,
+        )
+
+    @hookimpl
+    def reflow_run_completed(self, event: RunCompleted) -> None:
+        """Log a completion with its duration in this process."""
+        log.info(
+            "run %s (%s) completed in %s", event.run_id, event.workflow, self._took(event.run_id)
+        )
+
+    @hookimpl
+    def reflow_run_failed(self, event: RunFailed) -> None:
+        """Log a failure: where, after how long, and why."""
+        error = event.error
+        log.warning(
+            "run %s (%s) failed at step %s after %s: %s: %s",
+            event.run_id,
+            event.workflow,
+            error.step or "?",
+            self._took(event.run_id),
+            error.type,
+            error.message,
+        )
+
+
+async def serve(config: WorkerConfig, *, supervisor_pid: int | None = None) -> int:
+    """Run one worker in this process until SIGTERM/SIGINT; return the exit code."""
+    engine, storage = build_engine(config)
+    hooks = RunLogger()
+    pm = plugin_manager()
+    pm.register(hooks, name=f"reflow-worker-log-{id(hooks)}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.warning("%s again: exiting now; leases of running runs expire by themselves", name)
+            os._exit(1)
+        log.info(
+            "%s: stop claiming; running steps get %gs to finish, then their leases are released",
+            name,
+            config.grace,
+        )
+        stop.set()
+
+    # Under a supervisor, Ctrl-C reaches the whole process group: ignore SIGINT here and
+    # let the supervisor forward one SIGTERM, so one keypress is not taken as two signals.
+    if supervisor_pid is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    handled = (signal.SIGTERM,) if supervisor_pid is not None else (signal.SIGTERM, signal.SIGINT)
+    for signum in handled:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await engine.start()
+        storage = (
+            redact(config.storage or os.environ.get("REFLOW_STORAGE") or "")
+            or type(engine.storage).__name__
+        )
+        log.info(
+            "worker ready: workflows %s; storage %s; concurrency %d; lease %gs; poll %gs",
+            ", ".join(engine.workflows),
+            storage,
+            engine.concurrency,
+            engine.lease.duration_s,
+            engine.poll_interval,
+        )
+        while not stop.is_set():
+            # Polling the parent pid is how an orphan notices its supervisor was killed.
+            if supervisor_pid is not None and os.getppid() != supervisor_pid:
+                log.warning("supervisor (pid %d) is gone; stopping", supervisor_pid)
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+        began = time.monotonic()
+        await engine.stop(config.grace)
+        log.info("worker stopped in %.2fs", time.monotonic() - began)
+        return 0
+    finally:
+        await engine.stop()
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+        pm.unregister(hooks)
+
+
+@dataclass(slots=True)
+class _Child:
+    """One supervised worker process slot."""
+
+    number: int
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    failures: int = 0
+    restart_at: float | None = None
+
+
+class Supervisor:
+    """Runs ``processes`` worker children, restarts crashed ones, forwards stop signals.
+
+    A child that exits with :data:`CONFIG_EXIT` (it cannot start) stops the whole fleet:
+    restarting it would fail the same way. Other unexpected exits are restarted after a
+    backoff that doubles with each quick failure (1 s up to ``max_backoff``) and resets
+    once a child has lived ``max_backoff`` seconds.
+    """
+
+    def __init__(self, config: WorkerConfig, processes: int, *, max_backoff: float = 30.0) -> None:
+        self.config = config
+        self.children = [_Child(number) for number in range(1, processes + 1)]
+        self.max_backoff = max_backoff
+        self._stop = threading.Event()
+        self._signals = 0
+        self._exit_code = 0
+
+    def _spawn(self, child: _Child) -> None:
+        cmd = [sys.executable, "-m", "reflow_core.worker", *self.config.argv()]
+        cmd += ["--supervisor-pid", str(os.getpid())]
+        child.proc = subprocess.Popen(cmd)
+        child.started = time.monotonic()
+        child.restart_at = None
+        log.info("worker process #%d started (pid %d)", child.number, child.proc.pid)
+
+    def _forward(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            log.info("%s: stopping %d worker processes", name, len(self.children))
+        else:
+            log.warning("%s again: telling the workers to exit now", name)
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        self._stop.set()
+
+    def _check(self, child: _Child) -> None:
+        """Notice a child that died and schedule (or perform) its restart."""
+        now = time.monotonic()
+        if child.proc is None:
+            if child.restart_at is not None and now >= child.restart_at:
+                self._spawn(child)
+            return
+        code = child.proc.poll()
+        if code is None:
+            return
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
+        if code == CONFIG_EXIT:
+            log.error("worker process #%d %s: it cannot start; stopping", child.number, how)
+            self._exit_code = CONFIG_EXIT
+            self._forward(signal.SIGTERM, None)
+            return
+        lived = now - child.started
+        child.failures = 1 if lived >= self.max_backoff else child.failures + 1
+        delay = min(self.max_backoff, 2.0 ** (child.failures - 1))
+        log.error(
+            "worker process #%d (pid %d) %s after %.1fs; restarting in %gs",
+            child.number,
+            child.proc.pid,
+            how,
+            lived,
+            delay,
+        )
+        child.proc = None
+        child.restart_at = now + delay
+
+    def run(self) -> int:
+        """Supervise until SIGTERM/SIGINT; return 0 if every child stopped cleanly."""
+        previous = {s: signal.signal(s, self._forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for child in self.children:
+                self._spawn(child)
+            while not self._stop.is_set():
+                for child in self.children:
+                    self._check(child)
+                self._stop.wait(0.2)
+            return self._wait_all()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _wait_all(self) -> int:
+        """Wait for the children to stop: the grace period plus time to release leases."""
+        deadline = time.monotonic() + self.config.grace + 10.0
+        code = self._exit_code
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                result = child.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("worker process #%d did not stop in time; killing it", child.number)
+                child.proc.kill()
+                result = child.proc.wait()
+            if result != 0:
+                log.error("worker process #%d exited %d", child.number, result)
+                code = code or 1
+        log.info("all worker processes stopped")
+        return code
+
+
+def configure_logging(level: str) -> None:
+    """Operator-readable lines on stderr: time, level, logger, pid, message."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s[%(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run(config: WorkerConfig, processes: int = 1) -> int:
+    """Run a worker (``processes == 1``, in this process) or a supervised fleet; block
+    until stopped by SIGTERM/SIGINT; return the exit code. Call from the main thread."""
+    configure_logging(config.log_level)
+    try:
+        if processes == 1:
+            return asyncio.run(serve(config))
+        build_engine(config)  # fail here, once, rather than in every child
+        return Supervisor(config, processes).run()
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return CONFIG_EXIT
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of a supervised child: ``python -m reflow_core.worker TARGET ...``."""
+    parser = argparse.ArgumentParser(prog="python -m reflow_core.worker")
+    parser.add_argument("target")
+    parser.add_argument("--storage")
+    parser.add_argument("--concurrency", type=int)
+    parser.add_argument("--lease", type=float)
+    parser.add_argument("--poll", type=float)
+    parser.add_argument("--grace", type=float, default=30.0)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--supervisor-pid", type=int)
+    args = parser.parse_args(argv)
+    config = WorkerConfig(
+        target=args.target,
+        storage=args.storage,
+        concurrency=args.concurrency,
+        lease=args.lease,
+        poll=args.poll,
+        grace=args.grace,
+        log_level=args.log_level,
+    )
+    configure_logging(config.log_level)
+    try:
+        return asyncio.run(serve(config, supervisor_pid=args.supervisor_pid))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return CONFIG_EXIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
