@@ -1,0 +1,169 @@
+"""The storage operations as plain functions of a connection.
+
+Each function runs on a worker thread: writes inside the writer's transaction (and
+their own savepoint), reads on the reader's connection. Parameters arrive already
+encoded (see ``rows.py``), so nothing here can raise ``SerializationError``. Every
+check-then-write is either one statement or two statements in that transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reflow_adapters.sqlite_common import sql
+from reflow_adapters.sqlite_common.driver import Connection
+from reflow_adapters.sqlite_common.rows import (
+    run_from_row,
+    schedule_from_row,
+    step_from_row,
+    value_from_text,
+)
+from reflow_core.errors import StorageError
+from reflow_core.schedule import next_fire_time
+from reflow_core.types import (
+    ClaimedRun,
+    ClaimedSchedule,
+    CreateRunResult,
+    EventRecord,
+    RunFilter,
+    Schedule,
+    StepResult,
+    WorkflowRun,
+)
+
+_Q = sql.queries()
+
+_MAX_TIME = 2**63 - 1
+"""``before`` when a listing starts at the newest run (SQLite's largest integer)."""
+
+
+def create_run(conn: Connection, run: WorkflowRun, params: dict[str, Any]) -> CreateRunResult:
+    """Insert ``run``, or return the run already holding its idempotency key."""
+    conn.execute(_Q["insert_run"], params)
+    if conn.changes() == 1:
+        return CreateRunResult(run, created=True)
+    rows = conn.execute(
+        _Q["get_run_by_idempotency_key"],
+        {"workflow": run.workflow, "idempotency_key": run.idempotency_key},
+    )
+    if not rows:  # pragma: no cover - the unique index makes this impossible
+        raise StorageError("create_run", "insert ignored but no run holds the key")
+    return CreateRunResult(run_from_row(rows[0]), created=False)
+
+
+def get_run(conn: Connection, run_id: str) -> WorkflowRun | None:
+    """One run by id."""
+    rows = conn.execute(_Q["get_run"], {"run_id": run_id})
+    return run_from_row(rows[0]) if rows else None
+
+
+def list_runs(conn: Connection, filter: RunFilter) -> list[WorkflowRun]:
+    """One page of runs, newest first; each filter combination has an index-served query."""
+    if filter.status is not None and filter.workflow is not None:
+        name = "list_runs_by_workflow_and_status"
+    elif filter.status is not None:
+        name = "list_runs_by_status"
+    elif filter.workflow is not None:
+        name = "list_runs_by_workflow"
+    else:
+        name = "list_runs"
+    params = {
+        "status": None if filter.status is None else filter.status.value,
+        "workflow": filter.workflow,
+        "before": _MAX_TIME if filter.before is None else filter.before,
+        "before_id": None if filter.before is None else filter.before_id,
+        "limit": filter.limit,
+    }
+    return [run_from_row(row) for row in conn.execute(_Q[name], params)]
+
+
+def claim_next_run(conn: Connection, params: dict[str, Any]) -> ClaimedRun | None:
+    """Claim the oldest claimable run; ``params`` carries the new lease id."""
+    rows = conn.execute(_Q["claim_next_run"], params)
+    return ClaimedRun(run_from_row(rows[0]), params["lease_id"]) if rows else None
+
+
+def changed(conn: Connection, query: str, params: dict[str, Any]) -> bool:
+    """Run a single-row write; True if it changed a row (lease checks answer False)."""
+    conn.execute(_Q[query], params)
+    return conn.changes() > 0
+
+
+def requeue_run(conn: Connection, run_id: str, now: int) -> bool:
+    """A failed or cancelled run back to pending, dropping only its failed steps."""
+    conn.execute(_Q["requeue_run"], {"run_id": run_id, "now": now})
+    if conn.changes() == 0:
+        return False
+    conn.execute(_Q["delete_failed_steps"], {"run_id": run_id})
+    return True
+
+
+def save_step_result(conn: Connection, params: dict[str, Any]) -> bool:
+    """Upsert a step row (lease-checked when ``params["lease_id"]`` is set)."""
+    conn.execute(_Q["save_step_result"], params)
+    if conn.changes() > 0:
+        return True
+    # Nothing written: either the lease is not held, or the id already names another
+    # (run_id, name), which the contract makes an error rather than a silent no-op.
+    rows = conn.execute(_Q["get_step_identity"], {"id": params["id"]})
+    if not rows or (rows[0][0], rows[0][1]) == (params["run_id"], params["name"]):
+        return False
+    if params["lease_id"] is None or conn.execute(_Q["run_is_held"], params):
+        raise StorageError(
+            "save_step_result",
+            f"step id {params['id']!r} already belongs to step {rows[0][1]!r} of run "
+            f"{rows[0][0]!r}, not step {params['name']!r} of run {params['run_id']!r}",
+        )
+    return False
+
+
+def get_step_results(conn: Connection, run_id: str) -> list[StepResult]:
+    """A run's steps by (created_at, id)."""
+    return [step_from_row(row) for row in conn.execute(_Q["get_step_results"], {"run_id": run_id})]
+
+
+def deliver_event(conn: Connection, params: dict[str, Any]) -> bool:
+    """Buffer an event and wake the run if it waits for that name."""
+    conn.execute(_Q["insert_event"], params)
+    if conn.changes() == 0:
+        return False
+    conn.execute(_Q["wake_waiting_run"], params)
+    return True
+
+
+def take_event(conn: Connection, run_id: str, event_name: str) -> EventRecord | None:
+    """Delete and return the oldest buffered event of that name."""
+    rows = conn.execute(_Q["take_event"], {"run_id": run_id, "event_name": event_name})
+    return EventRecord(value_from_text(rows[0][0]), rows[0][1]) if rows else None
+
+
+def upsert_schedule(conn: Connection, params: dict[str, Any]) -> Schedule:
+    """Insert or update a schedule; the stored row comes back."""
+    return schedule_from_row(conn.execute(_Q["upsert_schedule"], params)[0])
+
+
+def claim_due_schedule(conn: Connection, workflow_names: str, now: int) -> ClaimedSchedule | None:
+    """Claim the earliest due schedule and advance it, in the writer's transaction."""
+    rows = conn.execute(_Q["next_due_schedule"], {"workflow_names": workflow_names, "now": now})
+    if not rows:
+        return None
+    due = schedule_from_row(rows[0])
+    advanced = conn.execute(
+        _Q["advance_schedule"],
+        {
+            "key": due.key,
+            "slot": due.next_run_at,
+            "next_run_at": next_fire_time(due.recurrence, due.next_run_at, now),
+            "now": now,
+        },
+    )
+    # Inside BEGIN IMMEDIATE nobody can move the slot between the two statements; the
+    # guard keeps the update correct even if this ever runs outside such a transaction.
+    if not advanced:  # pragma: no cover
+        return None
+    return ClaimedSchedule(schedule_from_row(advanced[0]), slot=due.next_run_at)
+
+
+def list_schedules(conn: Connection) -> list[Schedule]:
+    """All schedules by key."""
+    return [schedule_from_row(row) for row in conn.execute(_Q["list_schedules"])]

@@ -1,0 +1,250 @@
+-- Every query of the SQLite adapters (stdlib sqlite3 and APSW), one block per query.
+--
+-- A block starts with "-- name: <query_name>" and holds exactly one statement with
+-- named ":param" parameters only. sql.py loads this file into a dict by name.
+--
+-- Tables (created by schema.sql; changed only by numbered files in migrations/):
+--
+--   reflow_runs       one row per run. Values (input, output) are codec JSON text; error
+--                     is msgspec JSON of ErrorInfo. lease_id is set only while running;
+--                     wake_at only while sleeping or waiting; waiting_for only while
+--                     waiting. Times are integer milliseconds since the Unix epoch.
+--   reflow_steps      one row per (run, step name), upserted by id; FK to reflow_runs.
+--   reflow_events     buffered events, consumed oldest first by (delivered_at, seq);
+--                     FK to reflow_runs.
+--   reflow_schedules  one row per schedule key; recurrence is msgspec JSON of Recurrence,
+--                     compared as text to decide whether next_run_at is kept.
+--   reflow_schema_version  one row per applied migration (the highest is the version).
+--
+-- Queries returning runs, steps or schedules list the columns in the order rows.py reads
+-- them. A list of names (workflow_names, expected statuses) is bound as one JSON array
+-- and matched with EXISTS (SELECT 1 FROM json_each(...) WHERE value = column), so each
+-- query stays one static statement. EXISTS, not IN: "IN (SELECT ...)" builds a
+-- temporary index on every execution, which made the claim about ten times slower.
+
+-- name: create_schema_version_table
+CREATE TABLE IF NOT EXISTS reflow_schema_version (
+    version    INTEGER PRIMARY KEY NOT NULL,
+    name       TEXT NOT NULL,
+    applied_at INTEGER NOT NULL
+)
+
+-- name: schema_version
+SELECT coalesce(max(version), 0) FROM reflow_schema_version
+
+-- name: record_migration
+INSERT INTO reflow_schema_version (version, name, applied_at)
+VALUES (:version, :name, :applied_at)
+
+-- name: insert_run
+-- A reused idempotency key inserts nothing (0 changes); the caller then reads the
+-- existing run. A reused run id is a constraint error on purpose.
+INSERT INTO reflow_runs (id, workflow, input, status, idempotency_key, output, error,
+                         wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at)
+VALUES (:id, :workflow, :input, :status, :idempotency_key, :output, :error,
+        :wake_at, :waiting_for, :heartbeat_at, :attempt, :created_at, :updated_at)
+ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+
+-- name: get_run_by_idempotency_key
+SELECT id, workflow, input, status, idempotency_key, output, error,
+       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+FROM reflow_runs
+WHERE workflow = :workflow AND idempotency_key = :idempotency_key
+
+-- name: get_run
+SELECT id, workflow, input, status, idempotency_key, output, error,
+       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+FROM reflow_runs
+WHERE id = :run_id
+
+-- name: claim_next_run
+-- The oldest of three candidates, each found through its own index: the oldest pending
+-- run and the oldest stale running run (reflow_runs_status, in (created_at, id) order;
+-- running rows are few), and the oldest sleeping or waiting run whose wake time has
+-- passed (reflow_runs_wake: only suspended runs have a wake_at). INDEXED BY pins those
+-- plans: without statistics, some SQLite versions otherwise scan every run. Runs inside
+-- BEGIN IMMEDIATE, so no other writer interleaves.
+UPDATE reflow_runs
+SET status = 'running', lease_id = :lease_id, heartbeat_at = :now, wake_at = NULL,
+    waiting_for = NULL, attempt = attempt + 1, updated_at = :now
+WHERE id = (
+    SELECT id FROM (
+        SELECT * FROM (
+            SELECT id, created_at FROM reflow_runs INDEXED BY reflow_runs_status
+            WHERE status = 'pending'
+              AND EXISTS (SELECT 1 FROM json_each(:workflow_names) WHERE value = workflow)
+            ORDER BY created_at, id LIMIT 1)
+        UNION ALL
+        SELECT * FROM (
+            SELECT id, created_at FROM reflow_runs INDEXED BY reflow_runs_status
+            WHERE status = 'running' AND heartbeat_at < :stale_before
+              AND EXISTS (SELECT 1 FROM json_each(:workflow_names) WHERE value = workflow)
+            ORDER BY created_at, id LIMIT 1)
+        UNION ALL
+        SELECT * FROM (
+            SELECT id, created_at FROM reflow_runs INDEXED BY reflow_runs_wake
+            WHERE wake_at <= :now AND status IN ('sleeping', 'waiting')
+              AND EXISTS (SELECT 1 FROM json_each(:workflow_names) WHERE value = workflow)
+            ORDER BY created_at, id LIMIT 1)
+    )
+    ORDER BY created_at, id LIMIT 1
+)
+RETURNING id, workflow, input, status, idempotency_key, output, error,
+          wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+
+-- name: heartbeat_run
+UPDATE reflow_runs SET heartbeat_at = :now
+WHERE id = :run_id AND status = 'running' AND lease_id = :lease_id
+
+-- name: sleep_run
+UPDATE reflow_runs
+SET status = 'sleeping', lease_id = NULL, wake_at = :wake_at, waiting_for = NULL,
+    updated_at = :now
+WHERE id = :run_id AND status = 'running' AND lease_id = :lease_id
+
+-- name: wait_run
+-- An event of that name already buffered makes the run pending at once, in the same
+-- statement as the lease check, so a delivery can never fall between check and write.
+UPDATE reflow_runs
+SET status = CASE WHEN buffered.found THEN 'pending' ELSE 'waiting' END,
+    waiting_for = CASE WHEN buffered.found THEN NULL ELSE :event_name END,
+    wake_at = CASE WHEN buffered.found THEN NULL ELSE :wake_at END,
+    lease_id = NULL, updated_at = :now
+FROM (SELECT EXISTS (SELECT 1 FROM reflow_events
+                     WHERE run_id = :run_id AND name = :event_name) AS found) AS buffered
+WHERE id = :run_id AND status = 'running' AND lease_id = :lease_id
+
+-- name: update_run_status
+-- :expected is NULL (no condition) or a JSON array of the statuses allowed to change.
+UPDATE reflow_runs
+SET status = :status, lease_id = NULL, wake_at = NULL, waiting_for = NULL,
+    updated_at = :now
+WHERE id = :run_id
+  AND (:expected IS NULL OR EXISTS (SELECT 1 FROM json_each(:expected) WHERE value = status))
+
+-- name: update_claimed_run_status
+UPDATE reflow_runs
+SET status = :status, output = :output, error = :error,
+    lease_id = CASE WHEN :status = 'running' THEN lease_id ELSE NULL END,
+    wake_at = NULL, waiting_for = NULL, updated_at = :now
+WHERE id = :run_id AND status = 'running' AND lease_id = :lease_id
+
+-- name: requeue_run
+UPDATE reflow_runs
+SET status = 'pending', output = NULL, error = NULL, lease_id = NULL, wake_at = NULL,
+    waiting_for = NULL, updated_at = :now
+WHERE id = :run_id AND status IN ('failed', 'cancelled')
+
+-- name: delete_failed_steps
+DELETE FROM reflow_steps WHERE run_id = :run_id AND status = 'failed'
+
+-- name: list_runs
+-- Keyset paging: (created_at, id) < (:before, :before_id). A NULL :before_id makes the
+-- id comparison NULL, so only created_at < :before matches, as the contract asks.
+SELECT id, workflow, input, status, idempotency_key, output, error,
+       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+FROM reflow_runs INDEXED BY reflow_runs_newest
+WHERE (created_at, id) < (:before, :before_id)
+ORDER BY created_at DESC, id DESC LIMIT :limit
+
+-- name: list_runs_by_status
+SELECT id, workflow, input, status, idempotency_key, output, error,
+       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+FROM reflow_runs INDEXED BY reflow_runs_status
+WHERE status = :status AND (created_at, id) < (:before, :before_id)
+ORDER BY created_at DESC, id DESC LIMIT :limit
+
+-- name: list_runs_by_workflow
+SELECT id, workflow, input, status, idempotency_key, output, error,
+       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+FROM reflow_runs INDEXED BY reflow_runs_workflow
+WHERE workflow = :workflow AND (created_at, id) < (:before, :before_id)
+ORDER BY created_at DESC, id DESC LIMIT :limit
+
+-- name: list_runs_by_workflow_and_status
+SELECT id, workflow, input, status, idempotency_key, output, error,
+       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+FROM reflow_runs INDEXED BY reflow_runs_workflow
+WHERE workflow = :workflow AND status = :status AND (created_at, id) < (:before, :before_id)
+ORDER BY created_at DESC, id DESC LIMIT :limit
+
+-- name: save_step_result
+-- The lease check and the upsert are one statement: with :lease_id NULL the row is
+-- written unconditionally. A different id for an existing (run_id, name) violates the
+-- unique constraint (the ON CONFLICT target is id only), which is the contract's error.
+-- An existing id under a different (run_id, name) changes nothing; ops.py then reports it.
+INSERT INTO reflow_steps (id, run_id, name, status, output, error, attempts,
+                          created_at, updated_at, wake_at)
+SELECT :id, :run_id, :name, :status, :output, :error, :attempts,
+       :created_at, :updated_at, :wake_at
+WHERE :lease_id IS NULL
+   OR EXISTS (SELECT 1 FROM reflow_runs
+              WHERE id = :run_id AND status = 'running' AND lease_id = :lease_id)
+ON CONFLICT (id) DO UPDATE
+SET status = excluded.status, output = excluded.output, error = excluded.error,
+    attempts = excluded.attempts, updated_at = excluded.updated_at, wake_at = excluded.wake_at
+WHERE reflow_steps.run_id = excluded.run_id AND reflow_steps.name = excluded.name
+
+-- name: get_step_results
+SELECT id, run_id, name, status, output, error, attempts, created_at, updated_at, wake_at
+FROM reflow_steps
+WHERE run_id = :run_id
+ORDER BY created_at, id
+
+-- name: insert_event
+-- Inserts nothing (0 changes) when the run does not exist.
+INSERT INTO reflow_events (run_id, name, payload, delivered_at)
+SELECT :run_id, :event_name, :payload, :now
+WHERE EXISTS (SELECT 1 FROM reflow_runs WHERE id = :run_id)
+
+-- name: wake_waiting_run
+UPDATE reflow_runs
+SET status = 'pending', wake_at = NULL, waiting_for = NULL, updated_at = :now
+WHERE id = :run_id AND status = 'waiting' AND waiting_for = :event_name
+
+-- name: take_event
+DELETE FROM reflow_events
+WHERE seq = (SELECT seq FROM reflow_events
+             WHERE run_id = :run_id AND name = :event_name
+             ORDER BY delivered_at, seq LIMIT 1)
+RETURNING payload, delivered_at
+
+-- name: upsert_schedule
+-- On update: created_at is kept; next_run_at is kept when the encoded recurrence is
+-- unchanged (SET expressions read the old row, so the comparison sees the old value).
+INSERT INTO reflow_schedules (key, workflow, input, recurrence, next_run_at,
+                              created_at, updated_at)
+VALUES (:key, :workflow, :input, :recurrence, :next_run_at, :created_at, :updated_at)
+ON CONFLICT (key) DO UPDATE
+SET workflow = excluded.workflow, input = excluded.input,
+    recurrence = excluded.recurrence,
+    next_run_at = CASE WHEN recurrence = excluded.recurrence THEN next_run_at
+                       ELSE excluded.next_run_at END,
+    updated_at = excluded.updated_at
+RETURNING key, workflow, input, recurrence, next_run_at, created_at, updated_at
+
+-- name: next_due_schedule
+SELECT key, workflow, input, recurrence, next_run_at, created_at, updated_at
+FROM reflow_schedules
+WHERE next_run_at <= :now AND EXISTS (SELECT 1 FROM json_each(:workflow_names) WHERE value = workflow)
+ORDER BY next_run_at, key LIMIT 1
+
+-- name: advance_schedule
+-- Guarded on the slot just read: an occurrence is advanced (so fired) exactly once.
+UPDATE reflow_schedules SET next_run_at = :next_run_at, updated_at = :now
+WHERE key = :key AND next_run_at = :slot
+RETURNING key, workflow, input, recurrence, next_run_at, created_at, updated_at
+
+-- name: run_is_held
+SELECT 1 FROM reflow_runs WHERE id = :run_id AND status = 'running' AND lease_id = :lease_id
+
+-- name: get_step_identity
+SELECT run_id, name FROM reflow_steps WHERE id = :id
+
+-- name: delete_schedule
+DELETE FROM reflow_schedules WHERE key = :key
+
+-- name: list_schedules
+SELECT key, workflow, input, recurrence, next_run_at, created_at, updated_at
+FROM reflow_schedules
+ORDER BY key
