@@ -1,0 +1,156 @@
+"""The case registry: every promise of the storage contract as a named, versioned check.
+
+A case is a plain function registered with :func:`case`. It is independent of pytest:
+the runner (:mod:`reflow_conformance.runner`) and the pytest plugin both walk the same
+registry. Ids are stable (``area.what``) so reports from different versions of the kit
+can be compared; :data:`CONTRACT_VERSION` names the version of the contract they check.
+
+Two kinds of case function exist:
+
+* ``async def fn(h: Harness) -> None`` — the common kind, run on the case's event loop;
+* ``def fn(h: Harness) -> None`` — for cases that drive Hypothesis, which needs a plain
+  function; they reach the adapter through ``h.sync(awaitable)``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import inspect
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from reflow_core.registry import Capability
+
+if TYPE_CHECKING:
+    from reflow_conformance.harness import Harness
+
+__all__ = ["CONTRACT_VERSION", "Case", "all_cases", "case", "select_cases"]
+
+CONTRACT_VERSION = "1.0"
+"""Version of the storage contract (``reflow_core/storage.py``) the suite checks."""
+
+SUITE_MODULES = (
+    "runs",
+    "claim",
+    "leases",
+    "status",
+    "steps",
+    "events",
+    "listing",
+    "requeue",
+    "schedules",
+    "values",
+    "lifecycle",
+    "concurrency",
+    "model",
+    "engine",
+)
+"""Modules of :mod:`reflow_conformance.suite`, one per contract area, in report order."""
+
+CaseFunction = Callable[["Harness"], Any]
+
+
+class Case(msgspec.Struct, frozen=True, kw_only=True):
+    """One check of the contract."""
+
+    id: str
+    """Stable identifier, ``area.what`` (e.g. ``claim.oldest_first``)."""
+    area: str
+    description: str
+    requires: frozenset[Capability] = frozenset()
+    """Capabilities the adapter must declare for the case to apply."""
+    function: CaseFunction
+    is_async: bool = True
+
+    def missing_capabilities(self, declared: Iterable[Capability]) -> list[Capability]:
+        """Required capabilities the adapter does not declare, sorted by name."""
+        return sorted(self.requires - frozenset(declared), key=lambda c: c.value)
+
+
+_REGISTRY: dict[str, Case] = {}
+
+
+def case(
+    case_id: str,
+    description: str | None = None,
+    *,
+    requires: Iterable[Capability | str] = (),
+) -> Callable[[CaseFunction], CaseFunction]:
+    """Register the decorated function as case ``case_id``.
+
+    The area is the part of the id before the first dot. ``description`` defaults to the
+    function's docstring. ``requires`` accepts :class:`Capability` members or their
+    names; an unknown name is an error at import time, not a silent skip.
+    """
+    capabilities = frozenset(
+        c if isinstance(c, Capability) else Capability.parse(c) for c in requires
+    )
+
+    def register(function: CaseFunction) -> CaseFunction:
+        previous = _REGISTRY.get(case_id)
+        # A re-import of the same module (pytester restores sys.modules between runs)
+        # re-registers the same function; only a *different* function is a clash.
+        if previous is not None and _origin(previous.function) != _origin(function):
+            raise ValueError(f"conformance case id {case_id!r} is registered twice")
+        text = description or inspect.getdoc(function) or ""
+        _REGISTRY[case_id] = Case(
+            id=case_id,
+            area=case_id.split(".", 1)[0],
+            description=" ".join(text.split()),
+            requires=capabilities,
+            function=function,
+            is_async=inspect.iscoroutinefunction(function),
+        )
+        return function
+
+    return register
+
+
+def _origin(function: CaseFunction) -> tuple[str, str]:
+    return function.__module__, function.__qualname__
+
+
+def all_cases() -> list[Case]:
+    """Every registered case, importing the suite on first use; in suite-module order.
+
+    Raises :class:`ImportError` saying which extra to install if Hypothesis is missing.
+    """
+    try:
+        import hypothesis  # noqa: F401  (the values and model areas are built on it)
+    except ImportError as exc:
+        raise ImportError(
+            "the conformance kit needs Hypothesis: pip install 'reflow[conformance]'"
+        ) from exc
+    for name in SUITE_MODULES:
+        importlib.import_module(f"reflow_conformance.suite.{name}")
+    order = {name: index for index, name in enumerate(SUITE_MODULES)}
+    return sorted(_REGISTRY.values(), key=lambda c: (order.get(c.area, len(order)), c.id))
+
+
+def select_cases(select: str | None = None) -> list[Case]:
+    """Cases whose id matches ``select``: comma-separated ids, prefixes or shell globs.
+
+    ``"claim"`` selects the whole area, ``"claim.*,leases.heartbeat_*"`` several
+    patterns. ``None`` selects everything. A selection that matches nothing raises
+    :class:`LookupError` — a run that checks nothing must never look like a pass.
+    """
+    cases = all_cases()
+    if select is None:
+        return cases
+    patterns = [p.strip() for p in select.split(",") if p.strip()]
+    chosen = [
+        c
+        for c in cases
+        if any(
+            c.id == p or c.id.startswith(p + ".") or fnmatch.fnmatchcase(c.id, p) for p in patterns
+        )
+    ]
+    if not chosen:
+        raise LookupError(
+            f"selection {select!r} matches no conformance case; "
+            f"areas: {', '.join(sorted({c.area for c in cases}))}"
+        )
+    return chosen

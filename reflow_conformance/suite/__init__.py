@@ -1,0 +1,1 @@
+"""The conformance cases, one module per contract area (see ``cases.SUITE_MODULES``)."""

@@ -1,0 +1,326 @@
+"""A reference model of the contract, and a Hypothesis state machine holding adapters to it.
+
+:class:`Model` is the contract for runs, claims, leases, heartbeats, steps, events,
+status updates and requeue, written as plain Python with no concurrency and no I/O: it
+doubles as executable documentation. The state machine applies random sequences of
+operations to the model and to a fresh adapter and compares every answer and, after
+each step, every run's readable state. On a failure Hypothesis prints the shortest
+sequence of calls it found (``state.claim(names=['a'], stale=True)`` ...).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from reflow_conformance.cases import case
+from reflow_conformance.harness import Harness, expect
+from reflow_core.types import ErrorInfo, RunStatus, StepStatus
+
+WORKFLOWS = ("a", "b")
+EVENTS = ("e1", "e2")
+STEPS = ("s1", "s2")
+
+
+@dataclass
+class ModelRun:
+    """What the contract says a run's state is."""
+
+    id: str
+    workflow: str
+    created_at: int
+    key: str | None
+    status: RunStatus = RunStatus.PENDING
+    lease: str | None = None
+    attempt: int = 0
+    wake: str | None = None
+    """``"past"``, ``"future"`` or ``None``: times are far from now, so only this matters."""
+    waiting_for: str | None = None
+    output: Any = None
+    error: ErrorInfo | None = None
+    steps: dict[str, tuple[StepStatus, Any]] = field(default_factory=dict)
+    events: dict[str, list[Any]] = field(default_factory=dict)
+
+
+class Model:
+    """The storage contract (runs, leases, steps, events), sequential and in memory."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, ModelRun] = {}
+
+    def count(self, status: RunStatus) -> int:
+        """How many runs are in ``status``."""
+        return sum(1 for run in self.runs.values() if run.status is status)
+
+    def held(self, run_id: str, lease: str) -> bool:
+        """Held: the run is running and its lease is the one given."""
+        run = self.runs.get(run_id)
+        return run is not None and run.status is RunStatus.RUNNING and run.lease == lease
+
+    def existing(self, workflow: str, key: str | None) -> ModelRun | None:
+        """The run of ``workflow`` that already has idempotency key ``key``."""
+        if key is None:
+            return None
+        return next((r for r in self.runs.values() if (r.workflow, r.key) == (workflow, key)), None)
+
+    def claimable(self, names: set[str], stale: bool) -> ModelRun | None:
+        """The oldest claimable run of ``names`` by (created_at, id)."""
+
+        def ok(run: ModelRun) -> bool:
+            if run.workflow not in names:
+                return False
+            if run.status is RunStatus.PENDING:
+                return True
+            if run.status is RunStatus.RUNNING:
+                return stale
+            return run.status in (RunStatus.SLEEPING, RunStatus.WAITING) and run.wake == "past"
+
+        candidates = sorted((r for r in self.runs.values() if ok(r)), key=_order)
+        return candidates[0] if candidates else None
+
+    def claim(self, run: ModelRun, lease: str) -> None:
+        run.status, run.lease, run.attempt = RunStatus.RUNNING, lease, run.attempt + 1
+        run.wake = run.waiting_for = None
+
+    def release(self, run: ModelRun, status: RunStatus) -> None:
+        run.status, run.lease, run.wake = status, None, None
+
+    def deliver(self, run: ModelRun, event: str, payload: Any) -> None:
+        run.events.setdefault(event, []).append(payload)
+        if run.status is RunStatus.WAITING and run.waiting_for == event:
+            self.release(run, RunStatus.PENDING)
+
+    def requeue(self, run: ModelRun) -> bool:
+        if run.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+            return False
+        self.release(run, RunStatus.PENDING)
+        run.output = run.error = None
+        run.steps = {n: s for n, s in run.steps.items() if s[0] is not StepStatus.FAILED}
+        return True
+
+
+def _order(run: ModelRun) -> tuple[int, str]:
+    return (run.created_at, run.id)
+
+
+def _machine(h: Harness) -> type:
+    from hypothesis import strategies as st
+    from hypothesis.stateful import (
+        RuleBasedStateMachine,
+        initialize,
+        invariant,
+        precondition,
+        rule,
+    )
+
+    # Runs and leases are kept in lists and picked by index rather than held in Bundles:
+    # Hypothesis ranks rules that fill a bundle last, which starved claims.
+    pick = st.integers(min_value=0, max_value=63)
+
+    class ContractMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Model()
+            self.run_ids: list[str] = []
+            self.leases: list[tuple[str, str]] = []
+            self.counter = itertools.count()
+            self.storage = h.sync(h.fresh_storage())
+
+        def teardown(self) -> None:
+            h.sync(self.storage.close())
+
+        def when(self, wake: str | None) -> int | None:
+            return {"past": h.past(), "future": h.future(), None: None}[wake]
+
+        def run_at(self, index: int) -> str:
+            return self.run_ids[index % len(self.run_ids)]
+
+        def lease_at(self, index: int) -> tuple[str, str]:
+            return self.leases[index % len(self.leases)]
+
+        @initialize()
+        def first_run(self) -> None:
+            self.create(workflow="a", key=None, created_at=0)
+
+        @precondition(lambda self: len(self.model.runs) < 6)  # few runs, long histories
+        @rule(
+            workflow=st.sampled_from(WORKFLOWS),
+            key=st.sampled_from([None, "k1", "k2"]),
+            created_at=st.integers(0, 3),
+        )
+        def create(self, workflow: str, key: str | None, created_at: int) -> None:
+            run_id = f"r{next(self.counter)}"
+            run = h.new_run(
+                workflow, created_at, id=run_id, created_at=created_at, idempotency_key=key
+            )
+            result = h.sync(self.storage.create_run(run))
+            existing = self.model.existing(workflow, key)
+            if existing is not None:
+                expect((result.created, result.run.id), (False, existing.id), "create (dup key)")
+                return
+            expect((result.created, result.run.id), (True, run_id), "create_run")
+            self.model.runs[run_id] = ModelRun(run_id, workflow, created_at, key)
+            self.run_ids.append(run_id)
+
+        # Weighted towards names that match, so runs get far enough to finish and fail.
+        @rule(
+            names=st.sampled_from([WORKFLOWS, WORKFLOWS, ("a",), ("b",), ()]), stale=st.booleans()
+        )
+        def claim(self, names: tuple[str, ...], stale: bool) -> None:
+            stale_before = h.future() if stale else None
+            claimed = h.sync(self.storage.claim_next_run(list(names), stale_before))
+            want = self.model.claimable(set(names), stale)
+            expect(claimed.run.id if claimed else None, want.id if want else None, "claimed run")
+            if claimed is not None and want is not None:
+                self.model.claim(want, claimed.lease_id)
+                self.leases.append((want.id, claimed.lease_id))
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(pick=pick)
+        def heartbeat(self, pick: int) -> None:
+            lease = self.lease_at(pick)
+            got = h.sync(self.storage.heartbeat_run(*lease))
+            expect(got, self.model.held(*lease), f"heartbeat_run{lease}")
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(pick=pick, wake=st.sampled_from(["past", "future"]))
+        def sleep(self, pick: int, wake: str) -> None:
+            lease = self.lease_at(pick)
+            got = h.sync(self.storage.sleep_run(*lease, self.when(wake)))  # type: ignore[arg-type]
+            expect(got, self.model.held(*lease), f"sleep_run{lease}")
+            if got:
+                run = self.model.runs[lease[0]]
+                self.model.release(run, RunStatus.SLEEPING)
+                run.wake = wake
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(
+            pick=pick, event=st.sampled_from(EVENTS), wake=st.sampled_from([None, "past", "future"])
+        )
+        def wait(self, pick: int, event: str, wake: str | None) -> None:
+            lease = self.lease_at(pick)
+            got = h.sync(self.storage.wait_run(*lease, event, self.when(wake)))
+            expect(got, self.model.held(*lease), f"wait_run{lease}")
+            if got:
+                run = self.model.runs[lease[0]]
+                if run.events.get(event):
+                    self.model.release(run, RunStatus.PENDING)
+                else:
+                    self.model.release(run, RunStatus.WAITING)
+                    run.wake, run.waiting_for = wake, event
+
+        @rule(pick=pick, event=st.sampled_from(EVENTS), payload=st.integers(0, 9))
+        def deliver(self, pick: int, event: str, payload: int) -> None:
+            run_id = self.run_at(pick)
+            expect(h.sync(self.storage.deliver_event(run_id, event, payload)), True, "deliver")
+            self.model.deliver(self.model.runs[run_id], event, payload)
+
+        @rule(pick=pick, event=st.sampled_from(EVENTS))
+        def take(self, pick: int, event: str) -> None:
+            run_id = self.run_at(pick)
+            record = h.sync(self.storage.take_event(run_id, event))
+            buffered = self.model.runs[run_id].events.get(event) or [None]
+            expect(record.payload if record else None, buffered.pop(0), "take_event payload")
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(
+            pick=pick,
+            name=st.sampled_from(STEPS),
+            status=st.sampled_from(StepStatus),
+            with_lease=st.booleans(),
+        )
+        def save_step(self, pick: int, name: str, status: StepStatus, with_lease: bool) -> None:
+            lease = self.lease_at(pick)
+            run_id, lease_id = lease
+            step = h.step(run_id, name, status, output=f"{name}:{status.value}")
+            got = h.sync(self.storage.save_step_result(step, lease_id if with_lease else None))
+            want = self.model.held(run_id, lease_id) or not with_lease
+            expect(got, want, f"save_step_result(with_lease={with_lease})")
+            if want:
+                self.model.runs[run_id].steps[name] = (status, step.output)
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(
+            pick=pick,
+            output=st.integers(),
+            status=st.sampled_from(
+                [RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.PENDING, RunStatus.RUNNING]
+            ),
+        )
+        def update_claimed(self, pick: int, status: RunStatus, output: int) -> None:
+            lease = self.lease_at(pick)
+            error = ErrorInfo(type="E", message="m") if status is RunStatus.FAILED else None
+            got = h.sync(
+                self.storage.update_claimed_run_status(*lease, status, output=output, error=error)
+            )
+            expect(got, self.model.held(*lease), f"update_claimed_run_status({status})")
+            if got:
+                run = self.model.runs[lease[0]]
+                if status is not RunStatus.RUNNING:
+                    self.model.release(run, status)
+                run.output, run.error = output, error
+
+        @precondition(lambda self: self.model.count(RunStatus.CANCELLED) < 2)  # keep runs alive
+        @rule(
+            pick=pick,
+            expected=st.sampled_from(
+                [None, (), ("pending", "running"), ("sleeping", "waiting", "failed")]
+            ),
+        )
+        def cancel(self, pick: int, expected: tuple[str, ...] | None) -> None:
+            run_id = self.run_at(pick)
+            statuses = None if expected is None else [RunStatus(s) for s in expected]
+            got = h.sync(
+                self.storage.update_run_status(run_id, RunStatus.CANCELLED, expected=statuses)
+            )
+            run = self.model.runs[run_id]
+            want = statuses is None or run.status in statuses
+            expect(got, want, f"update_run_status(cancelled, expected={expected})")
+            if want:
+                self.model.release(run, RunStatus.CANCELLED)
+
+        def requeue(self, run_id: str) -> None:
+            want = self.model.requeue(self.model.runs[run_id])
+            expect(h.sync(self.storage.requeue_run(run_id)), want, "requeue_run")
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(pick=pick)
+        def requeue_claimed(self, pick: int) -> None:
+            """Requeue a run that was claimed once (a random run is mostly pending)."""
+            lease = self.lease_at(pick)
+            self.requeue(lease[0])
+
+        @invariant()
+        def same_state(self) -> None:
+            for run in self.model.runs.values():
+                got = h.sync(self.storage.get_run(run.id))
+                assert got is not None, f"run {run.id} vanished"
+                fields = (got.status, got.attempt, got.output, got.error)
+                expect(
+                    fields,
+                    (run.status, run.attempt, run.output, run.error),
+                    f"run {run.id} (status, attempt, output, error)",
+                )
+                if run.status is RunStatus.WAITING:
+                    expect(got.waiting_for, run.waiting_for, f"run {run.id} waiting_for")
+                if run.status in (RunStatus.SLEEPING, RunStatus.WAITING):
+                    expect(got.wake_at is None, run.wake is None, f"run {run.id} wake_at set")
+                steps = h.sync(self.storage.get_step_results(run.id))
+                expect(
+                    {s.name: (s.status, s.output) for s in steps}, run.steps, f"run {run.id} steps"
+                )
+
+    return ContractMachine
+
+
+@case("model.state_machine")
+def state_machine(h: Harness) -> None:
+    """Random sequences of create, claim, heartbeat, sleep, wait, deliver, take, save_step,
+    update_claimed, cancel and requeue agree with the reference model at every step."""
+    from hypothesis.stateful import run_state_machine_as_test
+
+    from reflow_conformance.strategies import kit_settings
+
+    settings = kit_settings(max_examples=40, stateful_step_count=50)
+    run_state_machine_as_test(_machine(h), settings=settings)

@@ -1,0 +1,224 @@
+"""Schedules: upsert keeps cadence, a due occurrence is claimed once and advanced."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+
+from reflow_conformance.cases import case
+from reflow_conformance.harness import Harness, assert_exact, expect
+from reflow_core.types import Recurrence
+
+
+def _ms(text: str) -> int:
+    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+async def _next_run_at(h: Harness, key: str) -> int | None:
+    for schedule in await h.storage.list_schedules():
+        if schedule.key == key:
+            return schedule.next_run_at
+    return None
+
+
+@case("schedules.upsert_and_list")
+async def upsert_and_list(h: Harness) -> None:
+    """upsert_schedule returns what is stored; list_schedules returns it with exact input."""
+    schedule = h.schedule("daily", input={"a": [1, 2.0, "x"]}, next_run_at=5_000)
+    stored = await h.storage.upsert_schedule(schedule)
+    expect(stored, schedule, "upsert_schedule result for a new schedule")
+    [listed] = await h.storage.list_schedules()
+    expect(listed, schedule, "listed schedule")
+    assert_exact(listed.input, {"a": [1, 2.0, "x"]}, "schedule input")
+
+
+@case("schedules.unchanged_interval_keeps_cadence")
+async def unchanged_interval_keeps_cadence(h: Harness) -> None:
+    """Re-upserting the same interval keeps next_run_at and created_at but updates input."""
+    await h.storage.upsert_schedule(h.schedule("k", input=1, every_ms=100, next_run_at=1_000))
+    again = msgspec.structs.replace(
+        h.schedule("k", input=2, every_ms=100, next_run_at=9_000), created_at=50, updated_at=50
+    )
+    stored = await h.storage.upsert_schedule(again)
+    expect((stored.next_run_at, stored.created_at, stored.input), (1_000, 1, 2), "returned")
+    expect(await h.storage.list_schedules(), [stored], "listed equals returned")
+
+
+@case("schedules.changed_interval_resets_cadence")
+async def changed_interval_resets_cadence(h: Harness) -> None:
+    """A new interval takes the supplied next_run_at and the new recurrence."""
+    await h.storage.upsert_schedule(h.schedule("k", every_ms=100, next_run_at=1_000))
+    stored = await h.storage.upsert_schedule(h.schedule("k", every_ms=200, next_run_at=9_000))
+    expect((stored.next_run_at, stored.recurrence.every_ms), (9_000, 200), "returned")
+    expect(await _next_run_at(h, "k"), 9_000, "stored next_run_at")
+
+
+@case("schedules.claim_advances_and_reports_slot")
+async def claim_advances_and_reports_slot(h: Harness) -> None:
+    """Slot 1000, every 100, claimed at 1250: reports 1000, stores 1300 (missed ones skipped)."""
+    await h.storage.upsert_schedule(h.schedule("k", every_ms=100, next_run_at=1_000))
+    claimed = await h.storage.claim_due_schedule(["wf"], 1_250)
+    expect(claimed.slot if claimed else None, 1_000, "claimed slot")
+    assert claimed is not None
+    expect(claimed.schedule.key, "k", "claimed key")
+    expect(await _next_run_at(h, "k"), 1_300, "next_run_at after the claim")
+
+
+@case("schedules.catch_up_advances_one_slot")
+async def catch_up_advances_one_slot(h: Harness) -> None:
+    """With catch_up, a claim advances one interval even if that is already due."""
+    schedule = h.schedule("k", every_ms=100, next_run_at=1_000, catch_up=True)
+    await h.storage.upsert_schedule(schedule)
+    slots = []
+    while (claimed := await h.storage.claim_due_schedule(["wf"], 1_250)) is not None:
+        slots.append(claimed.slot)
+    expect(slots, [1_000, 1_100, 1_200], "slots fired by catch-up")
+    expect(await _next_run_at(h, "k"), 1_300, "next_run_at")
+
+
+@case("schedules.occurrence_claimed_once")
+async def occurrence_claimed_once(h: Harness) -> None:
+    """A second claim at the same now returns None."""
+    await h.storage.upsert_schedule(h.schedule("k", every_ms=100, next_run_at=1_000))
+    expect((await h.storage.claim_due_schedule(["wf"], 1_050)) is not None, True, "first claim")
+    expect(await h.storage.claim_due_schedule(["wf"], 1_050), None, "second claim")
+
+
+@case("schedules.not_due_ignored")
+async def not_due_ignored(h: Harness) -> None:
+    """next_run_at 10000 is not due at 9999, and is due at exactly 10000."""
+    await h.storage.upsert_schedule(h.schedule("k", next_run_at=10_000))
+    expect(await h.storage.claim_due_schedule(["wf"], 9_999), None, "claim at 9999")
+    claimed = await h.storage.claim_due_schedule(["wf"], 10_000)
+    expect(claimed.slot if claimed else None, 10_000, "claim at exactly next_run_at")
+
+
+@case("schedules.only_named_workflows")
+async def only_named_workflows(h: Harness) -> None:
+    """Schedules of other workflows are not claimed."""
+    await h.storage.upsert_schedule(h.schedule("other", workflow="other", next_run_at=1))
+    await h.storage.upsert_schedule(h.schedule("mine", workflow="wf", next_run_at=2))
+    claimed = await h.storage.claim_due_schedule(["wf"], 100)
+    expect(claimed.schedule.key if claimed else None, "mine", "claimed key")
+    expect(await h.storage.claim_due_schedule(["wf"], 100), None, "nothing else due for wf")
+
+
+@case("schedules.empty_names_claim_nothing")
+async def empty_names_claim_nothing(h: Harness) -> None:
+    """An empty workflow list claims nothing."""
+    await h.storage.upsert_schedule(h.schedule("k", next_run_at=1))
+    expect(await h.storage.claim_due_schedule([], 100), None, "claim_due_schedule([])")
+
+
+@case("schedules.huge_name_list")
+async def huge_name_list(h: Harness) -> None:
+    """10,000 workflow names work."""
+    await h.storage.upsert_schedule(h.schedule("k", workflow="wf-9999", next_run_at=1))
+    claimed = await h.storage.claim_due_schedule([f"wf-{i}" for i in range(10_000)], 100)
+    expect(claimed.schedule.key if claimed else None, "k", "claimed key")
+
+
+@case("schedules.earliest_first_ties_by_key")
+async def earliest_first_ties_by_key(h: Harness) -> None:
+    """The earliest due schedule is claimed first; ties broken by key."""
+    for key, at in (("c", 5), ("b", 5), ("a", 9), ("d", 1)):
+        await h.storage.upsert_schedule(h.schedule(key, every_ms=10**9, next_run_at=at))
+    order = []
+    while (claimed := await h.storage.claim_due_schedule(["wf"], 100)) is not None:
+        order.append(claimed.schedule.key)
+    expect(order, ["d", "b", "c", "a"], "claim order")
+
+
+@case("schedules.cron_roundtrip")
+async def cron_roundtrip(h: Harness) -> None:
+    """A cron recurrence with a time zone reads back equal."""
+    schedule = h.schedule("k", cron="0 9 * * 1-5")
+    schedule = msgspec.structs.replace(
+        schedule, recurrence=Recurrence(cron="0 9 * * 1-5", timezone="Europe/Paris")
+    )
+    await h.storage.upsert_schedule(schedule)
+    expect(await h.storage.list_schedules(), [schedule], "listed cron schedule")
+
+
+@case("schedules.unchanged_cron_keeps_cadence")
+async def unchanged_cron_keeps_cadence(h: Harness) -> None:
+    """Re-upserting the same cron expression keeps next_run_at."""
+    await h.storage.upsert_schedule(h.schedule("k", cron="0 9 * * *", next_run_at=1_000))
+    stored = await h.storage.upsert_schedule(h.schedule("k", cron="0 9 * * *", next_run_at=5))
+    expect(stored.next_run_at, 1_000, "next_run_at kept")
+
+
+@case("schedules.changed_cron_resets_cadence")
+async def changed_cron_resets_cadence(h: Harness) -> None:
+    """A changed cron expression takes the supplied next_run_at."""
+    await h.storage.upsert_schedule(h.schedule("k", cron="0 9 * * *", next_run_at=1_000))
+    stored = await h.storage.upsert_schedule(h.schedule("k", cron="0 10 * * *", next_run_at=5))
+    expect((stored.next_run_at, stored.recurrence.cron), (5, "0 10 * * *"), "returned")
+
+
+@case("schedules.changed_timezone_resets_cadence")
+async def changed_timezone_resets_cadence(h: Harness) -> None:
+    """Same cron, another time zone: the recurrence changed, so the cadence resets."""
+    base = h.schedule("k", cron="0 9 * * *", next_run_at=1_000)
+    await h.storage.upsert_schedule(base)
+    moved = msgspec.structs.replace(
+        base, recurrence=Recurrence(cron="0 9 * * *", timezone="Asia/Tokyo"), next_run_at=5
+    )
+    stored = await h.storage.upsert_schedule(moved)
+    expect((stored.next_run_at, stored.recurrence.timezone), (5, "Asia/Tokyo"), "returned")
+
+
+@case("schedules.switch_interval_and_cron")
+async def switch_interval_and_cron(h: Harness) -> None:
+    """Switching between interval and cron replaces the recurrence and resets the cadence."""
+    await h.storage.upsert_schedule(h.schedule("k", every_ms=100, next_run_at=1_000))
+    stored = await h.storage.upsert_schedule(h.schedule("k", cron="0 9 * * *", next_run_at=5))
+    expect(stored.recurrence, Recurrence(cron="0 9 * * *"), "recurrence after switch to cron")
+    expect(stored.next_run_at, 5, "next_run_at after switch to cron")
+    stored = await h.storage.upsert_schedule(h.schedule("k", every_ms=100, next_run_at=7))
+    expect((stored.recurrence, stored.next_run_at), (Recurrence(every_ms=100), 7), "back")
+
+
+@case("schedules.cron_claim_advances")
+async def cron_claim_advances(h: Harness) -> None:
+    """'0 9 * * *' due 2026-03-10 09:00Z, claimed 09:01: reports 09:00, stores next day 09:00."""
+    due = _ms("2026-03-10T09:00:00")
+    await h.storage.upsert_schedule(h.schedule("k", cron="0 9 * * *", next_run_at=due))
+    claimed = await h.storage.claim_due_schedule(["wf"], due + 60_000)
+    expect(claimed.slot if claimed else None, due, "claimed slot")
+    expect(await _next_run_at(h, "k"), _ms("2026-03-11T09:00:00"), "next_run_at")
+
+
+@case("schedules.delete_reports_removal")
+async def delete_reports_removal(h: Harness) -> None:
+    """delete_schedule is True once, then False; the list is empty."""
+    await h.storage.upsert_schedule(h.schedule("k"))
+    expect(await h.storage.delete_schedule("k"), True, "first delete")
+    expect(await h.storage.delete_schedule("k"), False, "second delete")
+    expect(await h.storage.list_schedules(), [], "schedules after delete")
+
+
+@case("schedules.deleted_not_claimed")
+async def deleted_not_claimed(h: Harness) -> None:
+    """A deleted schedule never fires."""
+    await h.storage.upsert_schedule(h.schedule("k", next_run_at=1))
+    await h.storage.delete_schedule("k")
+    expect(await h.storage.claim_due_schedule(["wf"], 100), None, "claim after delete")
+
+
+@case("schedules.listed_by_key")
+async def listed_by_key(h: Harness) -> None:
+    """list_schedules is ordered by key (code point order)."""
+    for key in ("c", "a", "B", "b", "é"):
+        await h.storage.upsert_schedule(h.schedule(key))
+    keys = [s.key for s in await h.storage.list_schedules()]
+    expect(keys, ["B", "a", "b", "c", "é"], "schedule order")
+
+
+@case("schedules.upsert_keeps_created_at")
+async def upsert_keeps_created_at(h: Harness) -> None:
+    """An update keeps the stored created_at even when the cadence resets."""
+    await h.storage.upsert_schedule(h.schedule("k", every_ms=100))
+    changed = msgspec.structs.replace(h.schedule("k", every_ms=200), created_at=999)
+    expect((await h.storage.upsert_schedule(changed)).created_at, 1, "created_at kept")
