@@ -86,14 +86,18 @@ class Dispatcher:
             self.names, stale_before=self.lease.stale_before(self.clock())
         )
 
-    def spawn(self, claimed: ClaimedRun) -> asyncio.Task[None]:
+    def spawn(self, claimed: ClaimedRun) -> asyncio.Task[None] | None:
         """Execute a claimed run in its own task; the slot is released when it ends."""
         previous = self.active.get(claimed.run.id)
-        if previous is not None:
-            # We re-claimed a run we still execute (our own heartbeats looked stale to the
-            # claim, e.g. a stalled loop): the old execution lost its lease; stop it now
-            # rather than let two executions of one run overlap in this process.
-            previous.abort(LeaseExpiredError(previous.run_id))
+        if previous is not None and previous.abort_reason is None:
+            # We re-claimed a run we are still executing (its heartbeat looked stale to the
+            # claim: a stalled loop, or clocks that disagree). The claim replaced the lease;
+            # hand the new lease to the execution in progress instead of starting a second
+            # one, so no step of it runs twice in this process.
+            previous.lease_id = claimed.lease_id
+            previous.last_renewed = self.clock()
+            self._slots.release()
+            return None
         active = ActiveRun(
             run_id=claimed.run.id,
             workflow=claimed.run.workflow,
@@ -165,8 +169,8 @@ class Dispatcher:
             await self._slots.acquire()
             claimed = await self._claim_released_on_error()
             if claimed is not None:
-                self.spawn(claimed)
-                count += 1
+                if self.spawn(claimed) is not None:
+                    count += 1
                 continue
             self._slots.release()
             if not self._tasks:

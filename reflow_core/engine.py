@@ -45,11 +45,20 @@ from reflow_core.errors import (
     WorkflowNotFoundError,
 )
 from reflow_core.execution import ActiveRun, RunExecution, Runtime
+from reflow_core.execution.wait import event_payload
 from reflow_core.lease import LeaseOptions
 from reflow_core.observers import EventStream, Observers
 from reflow_core.registry import hook_functions, open_storage
+from reflow_core.scheduling import Scheduler, build_schedule
 from reflow_core.storage import Clock, StorageAdapter, WorkNotifier, system_clock
-from reflow_core.types import ClaimedRun, RunFilter, RunStatus, StepResult, WorkflowRun
+from reflow_core.types import (
+    ClaimedRun,
+    RunFilter,
+    RunStatus,
+    Schedule,
+    StepResult,
+    WorkflowRun,
+)
 from reflow_core.workflow import Workflow
 
 __all__ = ["Engine", "RunView"]
@@ -109,6 +118,7 @@ class Engine:
         self._initialized = False
         self._init_lock: asyncio.Lock | None = None
         self._dispatcher: Dispatcher | None = None
+        self._scheduler: Scheduler | None = None
         self._threads: ThreadPoolExecutor | None = None
         self._background: list[asyncio.Task[None]] = []
         self._finished: dict[str, asyncio.Event] = {}
@@ -164,6 +174,18 @@ class Engine:
             )
         return self._dispatcher
 
+    def _get_scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            self._scheduler = Scheduler(
+                storage=self.storage,
+                names=list(self.workflows),
+                clock=self.clock,
+                observers=self.observers,
+                enqueue=lambda name, input, key: self.enqueue(name, input, idempotency_key=key),
+                poll_interval=self.poll_interval,
+            )
+        return self._scheduler
+
     async def start(self) -> None:
         """Initialize storage and start claiming and executing runs in the background."""
         await self._ready()
@@ -175,6 +197,10 @@ class Engine:
         self._background.append(asyncio.create_task(dispatcher.loop(), name="reflow-dispatch"))
         self._background.append(
             asyncio.create_task(dispatcher.heartbeat_loop(), name="reflow-heartbeat")
+        )
+        # Its own task, not a run slot: a busy engine still fires its schedules.
+        self._background.append(
+            asyncio.create_task(self._get_scheduler().loop(), name="reflow-schedules")
         )
         if isinstance(self.storage, WorkNotifier):
             self._background.append(
@@ -218,13 +244,20 @@ class Engine:
         """Execute claimable runs until none is left; return how many were executed.
 
         For tests and batch jobs: no background task is left behind. Runs that suspend
-        (sleep, wait) count once per claim.
+        (sleep, wait) count once per claim. Due schedules fire before each drain, until
+        a drain ends with none due.
         """
         await self._ready()
         dispatcher = self._get_dispatcher()
+        scheduler = self._get_scheduler()
         beats = asyncio.create_task(dispatcher.heartbeat_loop())
         try:
-            return await dispatcher.drain()
+            executed = 0
+            while True:
+                fired = await scheduler.fire_due()
+                executed += await dispatcher.drain()
+                if not fired:
+                    return executed
         finally:
             beats.cancel()
             await asyncio.gather(beats, return_exceptions=True)
@@ -377,6 +410,69 @@ class Engine:
                 status=parsed, workflow=workflow, before=before, before_id=before_id, limit=limit
             )
         )
+
+    async def send_event(self, run_id: str, name: str, payload: Any = None) -> bool:
+        """Deliver event ``name`` to a run; it is buffered durably until the run takes it.
+
+        The payload is validated against the wait's declared type now
+        (:class:`ValidationError` to the sender). ``False`` if the run does not exist or
+        has ended; :class:`ConfigError` if its workflow has no wait of that name.
+        """
+        await self._ready()
+        run = await self.storage.get_run(run_id)
+        if run is None or run.status.is_terminal:
+            return False
+        plain = event_payload(self.workflow(run.workflow), name, payload)
+        delivered = await self.storage.deliver_event(run_id, name, plain)
+        if delivered and self._dispatcher is not None:
+            self._dispatcher.poke()
+        return delivered
+
+    # -- schedules ------------------------------------------------------------
+
+    async def schedule(
+        self,
+        workflow: str | Workflow[Any],
+        input: Any = None,
+        *,
+        every: Duration | None = None,
+        cron: str | None = None,
+        timezone: str = "UTC",
+        key: str | None = None,
+        catch_up: bool = False,
+    ) -> str:
+        """Register a durable schedule (an interval ``every`` or a ``cron`` expression in
+        ``timezone``) and return its key; see :mod:`reflow_core.scheduling`.
+
+        Re-registering an unchanged schedule keeps its cadence. A malformed or
+        unsatisfiable recurrence raises :class:`ConfigError` and stores nothing.
+        """
+        wf = self.workflow(workflow)
+        await self._ready()
+        record = build_schedule(
+            wf,
+            input,
+            every=every,
+            cron=cron,
+            timezone=timezone,
+            key=key,
+            catch_up=catch_up,
+            now=self.clock(),
+        )
+        await self.storage.upsert_schedule(record)
+        if self._scheduler is not None:
+            self._scheduler.poke()
+        return record.key
+
+    async def unschedule(self, key: str) -> bool:
+        """Remove a schedule for every worker; ``False`` if there was none."""
+        await self._ready()
+        return await self.storage.delete_schedule(key)
+
+    async def list_schedules(self) -> list[Schedule]:
+        """All schedules (of every workflow), ordered by key."""
+        await self._ready()
+        return await self.storage.list_schedules()
 
     def events(self, *, buffer: int = 1000) -> EventStream:
         """An async iterator over this engine's events from now on; ends when it stops.

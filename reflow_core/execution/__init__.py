@@ -12,4 +12,7 @@ from reflow_core.execution.run import RunExecution, step_id
 __all__ = ["ActiveRun", "RunExecution", "Runtime", "step_id"]
 
 # Importing the executor modules registers them with the replay loop.
+from reflow_core.execution import parallel as _parallel  # noqa: F401
+from reflow_core.execution import sleep as _sleep  # noqa: F401
 from reflow_core.execution import step as _step  # noqa: F401
+from reflow_core.execution import wait as _wait  # noqa: F401

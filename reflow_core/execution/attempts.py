@@ -37,9 +37,13 @@ async def _invoke(ex: RunExecution, unit: StepUnit, ctx: StepContext[Any]) -> An
     return result
 
 
-async def _attempt(ex: RunExecution, unit: StepUnit, attempt: int) -> Any:
+async def _attempt(
+    ex: RunExecution, unit: StepUnit, attempt: int, scope: set[CancelSignal] | None
+) -> Any:
     signal = CancelSignal()
     ex.active.signals.add(signal)
+    if scope is not None:
+        scope.add(signal)
     try:
         ctx = ex.context(unit.name, attempt, signal)
         if unit.timeout is None:
@@ -56,19 +60,25 @@ async def _attempt(ex: RunExecution, unit: StepUnit, attempt: int) -> Any:
             raise error from None
     finally:
         ex.active.signals.discard(signal)
+        if scope is not None:
+            scope.discard(signal)
 
 
-async def run_attempts(ex: RunExecution, unit: StepUnit) -> AttemptResult:
+async def run_attempts(
+    ex: RunExecution, unit: StepUnit, *, scope: set[CancelSignal] | None = None
+) -> AttemptResult:
     """Run ``unit`` until it succeeds, completes early, or its retry policy gives up.
 
     Control-flow errors (cancel, lease loss, stop) and task cancellation propagate: they
-    end the run's execution, not the step.
+    end the run's execution, not the step. ``scope`` receives the current attempt's
+    signal too, so a caller can stop just this step (a parallel group cancelling the
+    siblings of a failed branch) without aborting the whole run.
     """
     attempt = 0
     while True:
         attempt += 1
         try:
-            value = await _attempt(ex, unit, attempt)
+            value = await _attempt(ex, unit, attempt, scope)
         except EarlyCompletion as done:
             return AttemptResult(attempts=attempt, value=done.value, early=True)
         except ControlFlow:

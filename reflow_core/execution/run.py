@@ -96,7 +96,6 @@ class RunExecution:
         self.runtime = runtime
         self.storage = runtime.storage
         self.run = claimed.run
-        self.lease_id = claimed.lease_id
         self.workflow = workflow
         self.active = active
         self.rows: dict[str, StepResult] = {}
@@ -105,6 +104,11 @@ class RunExecution:
         self._encoded: dict[str, bytes] = {}
         self._types: dict[str, Any] = {}
         self.prev_name: str | None = None
+
+    @property
+    def lease_id(self) -> str:
+        """The lease every write presents (the dispatcher may hand over a newer one)."""
+        return self.active.lease_id
 
     # -- values ---------------------------------------------------------------
 

@@ -5,9 +5,11 @@
 -- the adapter's schema, so table names are unqualified here. Value columns are ``json``,
 -- not ``jsonb``: ``json`` keeps the codec's exact text (jsonb would reformat 1e300 into a
 -- 301-digit integer and reject \u0000), and is still queryable with -> and ->>.
+-- Ids and schedule keys use the "C" collation: the contract orders ties by code point,
+-- which a locale collation such as en_US would not.
 
 CREATE TABLE runs (
-    id              text    PRIMARY KEY,
+    id              text    COLLATE "C" PRIMARY KEY,
     workflow        text    NOT NULL,
     status          text    NOT NULL CHECK (status IN (
                         'pending', 'running', 'sleeping', 'waiting',
@@ -40,8 +42,8 @@ CREATE INDEX runs_status_list_idx ON runs (status, created_at DESC, id DESC);
 CREATE INDEX runs_workflow_list_idx ON runs (workflow, created_at DESC, id DESC);
 
 CREATE TABLE steps (
-    id         text    PRIMARY KEY,
-    run_id     text    NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    id         text    COLLATE "C" PRIMARY KEY,
+    run_id     text    COLLATE "C" NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
     name       text    NOT NULL,
     status     text    NOT NULL CHECK (status IN (
                    'running', 'completed', 'completed-early', 'skipped',
@@ -58,7 +60,7 @@ CREATE TABLE steps (
 
 CREATE TABLE events (
     seq          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    run_id       text   NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    run_id       text   COLLATE "C" NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
     name         text   NOT NULL,
     payload      json   NOT NULL,
     delivered_at bigint NOT NULL
@@ -68,7 +70,7 @@ CREATE TABLE events (
 CREATE INDEX events_take_idx ON events (run_id, name, delivered_at, seq);
 
 CREATE TABLE schedules (
-    key         text   PRIMARY KEY,
+    key         text   COLLATE "C" PRIMARY KEY,
     workflow    text   NOT NULL,
     input       json   NOT NULL,
     recurrence  json   NOT NULL,

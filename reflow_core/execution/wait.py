@@ -1,0 +1,140 @@
+"""Executor of a durable wait for an external event, and the checks ``send_event`` makes.
+
+Order on each claim: a completed row replays its payload; otherwise a buffered event
+is taken (an event wins over a deadline that passed meanwhile); otherwise, past the
+deadline, the wait continues with its default or fails with
+:class:`~reflow_core.errors.WaitTimeoutError`; otherwise the run is suspended as
+``waiting`` until an event arrives or the deadline passes. The deadline is stored on
+the wait's row, so a reclaim never restarts the timeout.
+
+Events are validated against the declared payload type when they are *sent*, so a bad
+payload is refused to its sender instead of failing the run later.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reflow_core import codec
+from reflow_core.errors import (
+    ConfigError,
+    LeaseExpiredError,
+    SerializationError,
+    ValidationError,
+    WaitTimeoutError,
+)
+from reflow_core.events import StepCompleted, StepStarted
+from reflow_core.execution.run import Outcome, RunExecution, describe_error, executor
+from reflow_core.types import StepStatus
+from reflow_core.workflow import NO_DEFAULT, WaitUnit, Workflow
+
+__all__ = ["event_payload", "run_wait"]
+
+
+def event_payload(workflow: Workflow[Any], name: str, payload: Any) -> Any:
+    """Validate an event for ``workflow``'s wait ``name``; return the plain data to store.
+
+    :class:`ConfigError` if the workflow has no such wait, :class:`ValidationError` if
+    the payload does not match the declared type, :class:`SerializationError` if it
+    cannot be stored exactly.
+    """
+    unit = next((u for u in workflow.units if isinstance(u, WaitUnit) and u.name == name), None)
+    if unit is None:
+        waits = [u.name for u in workflow.units if isinstance(u, WaitUnit)]
+        raise ConfigError(
+            f"workflow {workflow.name!r} has no wait_for_event named {name!r} "
+            f"(its waits: {', '.join(waits) or 'none'})"
+        )
+    try:
+        typed = codec.validate(payload, unit.payload_type)
+    except ValidationError as exc:
+        raise ValidationError(f"payload of event {name!r}: {exc}") from None
+    plain = codec.to_plain(typed, unit.payload_type)
+    codec.check(plain)
+    return plain
+
+
+async def _finish(ex: RunExecution, unit: WaitUnit, plain: Any, *, taken: bool = False) -> Outcome:
+    """Checkpoint the wait's output (a payload or the default) and make it ``prev``.
+
+    With ``taken`` (the payload was consumed from the run's buffer), a checkpoint that
+    fails puts the event back, so that the run's next owner receives it: an event is
+    never consumed without being recorded, short of a crash between the two calls.
+    """
+    try:
+        await ex.save(unit.name, StepStatus.COMPLETED, output=plain)
+    except BaseException:
+        if taken:
+            await _redeliver(ex, unit.name, plain)
+        raise
+    ex.record(unit.name, plain, unit.payload_type)
+    observers = ex.runtime.observers
+    if observers.listening:
+        await observers.emit(
+            StepCompleted(
+                run_id=ex.run.id,
+                workflow=ex.run.workflow,
+                step=unit.name,
+                output=ex.plain_output(unit.name),
+                attempts=0,
+            )
+        )
+    return Outcome.ADVANCE
+
+
+async def _redeliver(ex: RunExecution, name: str, plain: Any) -> None:
+    try:
+        await ex.storage.deliver_event(ex.run.id, name, plain)
+    except Exception as exc:  # the original failure is what the caller must see
+        await ex.runtime.observers.error(exc)
+
+
+async def _timed_out(ex: RunExecution, unit: WaitUnit) -> Outcome:
+    if unit.default is not NO_DEFAULT:
+        try:
+            plain = codec.to_plain(unit.default, unit.payload_type)
+            codec.check(plain)
+        except SerializationError as exc:
+            ex.failure = describe_error(exc, unit.name)
+            return Outcome.FAIL
+        return await _finish(ex, unit, plain)
+    assert unit.timeout_ms is not None  # a deadline exists only with a timeout
+    info = describe_error(WaitTimeoutError(unit.name, unit.timeout_ms / 1000), unit.name)
+    await ex.save(unit.name, StepStatus.FAILED, error=info)
+    ex.failure = info
+    return Outcome.FAIL
+
+
+@executor(WaitUnit)
+async def run_wait(ex: RunExecution, unit: WaitUnit) -> Outcome:
+    """Replay a received event, take a buffered one, time out, or suspend until one comes."""
+    row = ex.rows.get(unit.name)
+    if row is not None and row.status is StepStatus.COMPLETED:
+        ex.record(unit.name, row.output, unit.payload_type)
+        return Outcome.ADVANCE
+    if row is not None and row.status is StepStatus.FAILED and row.error is not None:
+        ex.failure = row.error  # timed out before the run could be marked failed
+        return Outcome.FAIL
+    resuming = row is not None and row.status is StepStatus.WAITING
+    if not resuming and ex.runtime.observers.listening:
+        await ex.runtime.observers.emit(
+            StepStarted(run_id=ex.run.id, workflow=ex.run.workflow, step=unit.name)
+        )
+    taken = await ex.storage.take_event(ex.run.id, unit.name)
+    if taken is not None:
+        return await _finish(ex, unit, taken.payload, taken=True)
+    now = ex.runtime.clock()
+    if resuming:
+        assert row is not None
+        deadline = row.wake_at
+    else:
+        deadline = None if unit.timeout_ms is None else now + unit.timeout_ms
+    if deadline is not None and deadline <= now:
+        return await _timed_out(ex, unit)
+    if not resuming:
+        await ex.save(unit.name, StepStatus.WAITING, wake_at=deadline)
+    if not await ex.storage.wait_run(ex.run.id, ex.lease_id, unit.name, deadline):
+        raise LeaseExpiredError(ex.run.id)
+    if deadline is not None:
+        ex.runtime.note_wake(deadline)
+    return Outcome.SUSPEND
