@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+import logging
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,6 +34,8 @@ from reflow_core.types import ClaimedRun, ErrorInfo, RunStatus, StepResult, Step
 from reflow_core.workflow import FailureContext, Workflow
 
 __all__ = ["Outcome", "RunExecution", "describe_error", "step_id"]
+
+log = logging.getLogger("reflow")
 
 
 def step_id(run_id: str, name: str) -> str:
@@ -272,5 +275,9 @@ class RunExecution:
                 )
             except Exception as exc:
                 await self.runtime.observers.error(exc)
-        elif isinstance(reason, LeaseExpiredError | RunCancelledError):
-            pass  # the run belongs to someone else now, or to nobody (cancelled)
+        elif isinstance(reason, LeaseExpiredError):
+            # Nothing to write: the run belongs to another worker now. Say so, or an
+            # operator cannot tell why this worker dropped it.
+            log.warning("%s; stopped executing it without writing", reason)
+        elif isinstance(reason, RunCancelledError):
+            log.info("run %s was cancelled; stopped executing it", self.run.id)
