@@ -120,6 +120,7 @@ class Engine:
         self._dispatcher: Dispatcher | None = None
         self._scheduler: Scheduler | None = None
         self._threads: ThreadPoolExecutor | None = None
+        self._runtime: Runtime | None = None
         self._background: list[asyncio.Task[None]] = []
         self._finished: dict[str, asyncio.Event] = {}
         self._started = False
@@ -265,17 +266,19 @@ class Engine:
     # -- execution ------------------------------------------------------------
 
     async def _execute(self, claimed: ClaimedRun, active: ActiveRun) -> None:
-        dispatcher = self._get_dispatcher()
-        assert self._threads is not None
-        runtime = Runtime(
-            storage=self.storage,
-            clock=self.clock,
-            observers=self.observers,
-            threads=self._threads,
-            lease=self.lease,
-            note_wake=dispatcher.note_wake,
-            run_finished=self._run_finished,
-        )
+        if self._runtime is None:
+            dispatcher = self._get_dispatcher()
+            assert self._threads is not None
+            self._runtime = Runtime(
+                storage=self.storage,
+                clock=self.clock,
+                observers=self.observers,
+                threads=self._threads,
+                lease=self.lease,
+                note_wake=dispatcher.note_wake,
+                run_finished=self._run_finished,
+            )
+        runtime = self._runtime
         workflow = self.workflow(claimed.run.workflow)
         await RunExecution(runtime, claimed, workflow, active).execute()
 
