@@ -39,6 +39,7 @@ SUITE_MODULES = (
     "status",
     "steps",
     "events",
+    "consume",
     "listing",
     "requeue",
     "schedules",

@@ -57,6 +57,7 @@ from reflow_core.storage import Clock, StorageAdapter, WorkNotifier, system_cloc
 from reflow_core.types import (
     ClaimedRun,
     ClaimedSchedule,
+    ConsumeResult,
     CreateRunResult,
     ErrorInfo,
     EventRecord,
@@ -84,6 +85,7 @@ __all__ = [
     "ClaimedSchedule",
     "Clock",
     "ConfigError",
+    "ConsumeResult",
     "ControlFlow",
     "CreateRunResult",
     "DuplicateStepError",

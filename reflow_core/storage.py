@@ -31,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 from reflow_core.types import (
     ClaimedRun,
     ClaimedSchedule,
+    ConsumeResult,
     CreateRunResult,
     ErrorInfo,
     EventRecord,
@@ -198,7 +199,32 @@ class StorageAdapter(Protocol):
     async def take_event(self, run_id: str, event_name: str) -> EventRecord | None:
         """Atomically remove and return the oldest buffered event of that name, or ``None``.
 
-        Concurrent callers never receive the same event.
+        Concurrent callers never receive the same event. No lease check and no
+        checkpoint: the engine consumes events with :meth:`consume_event` instead.
+        """
+        ...
+
+    async def consume_event(
+        self, event_name: str, checkpoint: StepResult, lease_id: str
+    ) -> ConsumeResult:
+        """Consume the oldest buffered ``event_name`` event of ``checkpoint.run_id`` and
+        checkpoint its payload, as one atomic step.
+
+        In one transaction: unless the run is held with ``lease_id``, change nothing and
+        return ``ConsumeResult(held=False)``. Otherwise remove the oldest buffered event
+        of that name (the one :meth:`take_event` would return) and upsert ``checkpoint``
+        by id with its ``output`` replaced by the event's payload, under the rules of
+        :meth:`save_step_result` (an existing row keeps ``created_at``; an id or
+        ``(run_id, name)`` clash is a ``StorageError`` and consumes nothing). Return
+        ``ConsumeResult(held=True, event=<the event>)``. With nothing buffered, write
+        nothing and return ``ConsumeResult(held=True, event=None)``.
+
+        All or nothing: there is no moment, whatever kills the caller, at which the event
+        is gone but its checkpoint is not stored. That is why this is one method and not
+        ``take_event`` followed by ``save_step_result``. Concurrent callers (even with
+        the same lease) never consume the same event, and a consumed event is never
+        also left buffered. The payload was encoded when delivered, so this cannot
+        raise ``SerializationError``.
         """
         ...
 

@@ -16,6 +16,7 @@ import msgspec
 __all__ = [
     "ClaimedRun",
     "ClaimedSchedule",
+    "ConsumeResult",
     "CreateRunResult",
     "ErrorInfo",
     "EventRecord",
@@ -163,6 +164,20 @@ class EventRecord(msgspec.Struct, frozen=True):
 
     payload: Any
     delivered_at: int
+
+
+class ConsumeResult(msgspec.Struct, frozen=True, kw_only=True):
+    """Answer of ``consume_event``: whether the lease was held, and what was consumed.
+
+    Three outcomes, each with nothing half-done: ``held=False`` (lease not held; nothing
+    read or written), ``held=True, event=None`` (nothing buffered; nothing written), and
+    ``held=True`` with an ``event`` (consumed and checkpointed together). A record
+    rather than ``EventRecord | None`` so that a lost lease is never mistaken for "no
+    event yet", which would suspend a run this worker no longer owns.
+    """
+
+    held: bool
+    event: EventRecord | None = None
 
 
 class RunFilter(msgspec.Struct, frozen=True, kw_only=True):

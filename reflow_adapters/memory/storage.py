@@ -31,6 +31,7 @@ from reflow_core.storage import Clock, system_clock
 from reflow_core.types import (
     ClaimedRun,
     ClaimedSchedule,
+    ConsumeResult,
     CreateRunResult,
     ErrorInfo,
     EventRecord,
@@ -310,30 +311,41 @@ class MemoryStorage:
         output = _enc(result.output)
         if lease_id is not None and self._held(result.run_id, lease_id) is None:
             return False
+        created_at = self._step_created_at(result, "save_step_result")
+        self._put_step(result, created_at, output)
+        return True
+
+    def _step_created_at(self, result: StepResult, operation: str) -> int:
+        """The ``created_at`` an upsert of ``result`` stores; raises on an identity clash.
+
+        Checks only, so a caller that must change other state as well (consume_event)
+        can raise before it has changed anything.
+        """
         pair = (result.run_id, result.name)
         owner = self._step_ids.get(result.id)
         if owner is not None and owner != pair:
             raise StorageError(
-                "save_step_result",
+                operation,
                 f"step id {result.id!r} already names step {owner[1]!r} of run {owner[0]!r}",
             )
+        existing = self._steps.get(result.run_id, {}).get(result.name)
+        if existing is None:
+            return result.created_at
+        if existing[0].id != result.id:
+            raise StorageError(
+                operation,
+                f"step {result.name!r} of run {result.run_id!r} already has id "
+                f"{existing[0].id!r}, not {result.id!r}",
+            )
+        return existing[0].created_at
+
+    def _put_step(self, result: StepResult, created_at: int, output: bytes | None) -> None:
         steps = self._steps.setdefault(result.run_id, {})
-        existing = steps.get(result.name)
-        created_at = result.created_at
-        if existing is not None:
-            if existing[0].id != result.id:
-                raise StorageError(
-                    "save_step_result",
-                    f"step {result.name!r} of run {result.run_id!r} already has id "
-                    f"{existing[0].id!r}, not {result.id!r}",
-                )
-            created_at = existing[0].created_at
         steps[result.name] = (
             msgspec.structs.replace(result, output=None, created_at=created_at),
             output,
         )
-        self._step_ids[result.id] = pair
-        return True
+        self._step_ids[result.id] = (result.run_id, result.name)
 
     async def get_step_results(self, run_id: str) -> list[StepResult]:
         """The run's step rows ordered by ``(created_at, id)``."""
@@ -365,12 +377,38 @@ class MemoryStorage:
         buffered = by_name.get(event_name) if by_name is not None else None
         if by_name is None or not buffered:
             return None
-        data, delivered_at = buffered.popleft()
+        data, delivered_at = self._pop_event(run_id, event_name)
+        return EventRecord(_dec(data), delivered_at)
+
+    async def consume_event(
+        self, event_name: str, checkpoint: StepResult, lease_id: str
+    ) -> ConsumeResult:
+        """Take the oldest buffered event and checkpoint its payload, all or nothing."""
+        self._check("consume_event")
+        run_id = checkpoint.run_id
+        if self._held(run_id, lease_id) is None:
+            return ConsumeResult(held=False)
+        buffered = self._events.get(run_id, {}).get(event_name)
+        if not buffered:
+            return ConsumeResult(held=True)
+        # Every check that can raise comes before the first change: no await splits this
+        # body, so nothing else can observe (or interleave with) a half-done consume.
+        created_at = self._step_created_at(checkpoint, "consume_event")
+        data, delivered_at = self._pop_event(run_id, event_name)
+        # The stored bytes are the payload exactly as delivered: no re-encoding.
+        self._put_step(checkpoint, created_at, data)
+        return ConsumeResult(held=True, event=EventRecord(_dec(data), delivered_at))
+
+    def _pop_event(self, run_id: str, event_name: str) -> tuple[bytes | None, int]:
+        """Remove the oldest buffered event (which must exist); drop emptied buffers."""
+        by_name = self._events[run_id]
+        buffered = by_name[event_name]
+        event = buffered.popleft()
         if not buffered:  # drop empty buffers so consumed events leave nothing behind
             del by_name[event_name]
             if not by_name:
                 del self._events[run_id]
-        return EventRecord(_dec(data), delivered_at)
+        return event
 
     # -- schedules ----------------------------------------------------------
 

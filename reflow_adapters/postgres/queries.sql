@@ -96,9 +96,10 @@ SET status = 'sleeping', wake_at = %(wake_at)s, lease_id = NULL, updated_at = %(
 WHERE id = %(id)s AND status = 'running' AND lease_id = %(lease_id)s;
 
 -- name: lock_held_run
--- wait_run's first statement. Locking the row first serialises wait_run with
--- deliver_event (which locks it too), so the next statement's fresh snapshot sees any
--- event delivered before: no lost wake-up.
+-- wait_run's and consume_event's first statement. Locking the row first serialises
+-- them with deliver_event (which locks it too), with each other and with a reclaim
+-- (claim_next_run skips locked rows), so the next statement's fresh snapshot sees any
+-- event delivered or consumed before: no lost wake-up, no event consumed twice.
 SELECT id FROM runs
 WHERE id = %(id)s AND status = 'running' AND lease_id = %(lease_id)s
 FOR NO KEY UPDATE;
@@ -190,6 +191,39 @@ WHERE seq = (
     FOR UPDATE SKIP LOCKED
 )
 RETURNING payload, delivered_at;
+
+-- name: consume_event
+-- consume_event's second statement, after lock_held_run locked the held run row (so no
+-- reclaim, delivery or other consume of this run interleaves). One statement deletes
+-- the oldest event of that name and upserts the checkpoint with the event's payload
+-- copied from the deleted row (the codec's json text, byte for byte). No row back:
+-- nothing was buffered, nothing written. saved = 0: the step id already belongs to
+-- another (run_id, name) (the DO UPDATE guard of save_step_result); the adapter then
+-- raises, which rolls the DELETE back. %(id)s is the run id, %(step_id)s the step's.
+WITH taken AS (
+    DELETE FROM events
+    WHERE seq = (
+        SELECT seq FROM events
+        WHERE run_id = %(id)s AND name = %(event_name)s
+        ORDER BY delivered_at, seq
+        LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING payload, delivered_at
+), saved AS (
+    INSERT INTO steps (id, run_id, name, status, output, error, attempts, created_at,
+                       updated_at, wake_at)
+    SELECT %(step_id)s, %(id)s, %(name)s, %(status)s, taken.payload, %(error)s::json,
+           %(attempts)s, %(created_at)s, %(updated_at)s, %(wake_at)s
+    FROM taken
+    ON CONFLICT (id) DO UPDATE
+    SET status = EXCLUDED.status, output = EXCLUDED.output, error = EXCLUDED.error,
+        attempts = EXCLUDED.attempts, updated_at = EXCLUDED.updated_at,
+        wake_at = EXCLUDED.wake_at
+    WHERE steps.run_id = EXCLUDED.run_id AND steps.name = EXCLUDED.name
+    RETURNING 1
+)
+SELECT payload, delivered_at, (SELECT count(*) FROM saved) AS saved FROM taken;
 
 -- name: upsert_schedule
 -- Recurrences are compared as the msgspec JSON text the adapter writes (a fixed field

@@ -44,6 +44,7 @@ from reflow_core.storage import Clock, system_clock
 from reflow_core.types import (
     ClaimedRun,
     ClaimedSchedule,
+    ConsumeResult,
     CreateRunResult,
     ErrorInfo,
     EventRecord,
@@ -507,6 +508,49 @@ class PostgresStorage:
         return (
             None if row is None else EventRecord(codec.decode(row["payload"]), row["delivered_at"])
         )
+
+    async def consume_event(
+        self, event_name: str, checkpoint: StepResult, lease_id: str
+    ) -> ConsumeResult:
+        """Take the oldest event and checkpoint its payload, in one transaction.
+
+        The run row is locked first (as ``wait_run`` and ``deliver_event`` do), so the
+        lease cannot be reclaimed between the check and the writes, and a concurrent
+        consumer of the same run waits, then sees the event gone.
+        """
+        params = {
+            "id": checkpoint.run_id,
+            "lease_id": lease_id,
+            "event_name": event_name,
+            "step_id": checkpoint.id,
+            "name": checkpoint.name,
+            "status": StepStatus(checkpoint.status).value,
+            "error": dump_error(checkpoint.error),
+            "attempts": checkpoint.attempts,
+            "created_at": checkpoint.created_at,
+            "updated_at": checkpoint.updated_at,
+            "wake_at": checkpoint.wake_at,
+        }
+        async with self._connection("consume_event", transaction=True) as conn:
+            cur = await conn.execute(_q("lock_held_run"), params)
+            if await cur.fetchone() is None:
+                return ConsumeResult(held=False)
+            cur = await conn.execute(_q("consume_event"), params)
+            row = await cur.fetchone()
+            if row is None:
+                return ConsumeResult(held=True)
+            if row["saved"] == 0:
+                cur = await conn.execute(_q("get_step_owner"), {"id": checkpoint.id})
+                owner = await cur.fetchone()
+                where = f"run {owner['run_id']!r}, step {owner['name']!r}" if owner else "?"
+                # Raised inside the transaction: it rolls back, so the event stays buffered.
+                raise StorageError(
+                    "consume_event",
+                    f"step id {checkpoint.id!r} already belongs to {where}; it cannot be "
+                    f"reused for run {checkpoint.run_id!r}, step {checkpoint.name!r}",
+                )
+        event = EventRecord(codec.decode(row["payload"]), row["delivered_at"])
+        return ConsumeResult(held=True, event=event)
 
     # -- schedules --------------------------------------------------------------------
 

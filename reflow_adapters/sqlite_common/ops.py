@@ -23,6 +23,7 @@ from reflow_core.schedule import next_fire_time
 from reflow_core.types import (
     ClaimedRun,
     ClaimedSchedule,
+    ConsumeResult,
     CreateRunResult,
     EventRecord,
     RunFilter,
@@ -105,16 +106,23 @@ def save_step_result(conn: Connection, params: dict[str, Any]) -> bool:
         return True
     # Nothing written: either the lease is not held, or the id already names another
     # (run_id, name), which the contract makes an error rather than a silent no-op.
-    rows = conn.execute(_Q["get_step_identity"], {"id": params["id"]})
-    if not rows or (rows[0][0], rows[0][1]) == (params["run_id"], params["name"]):
+    clash = _step_id_clash(conn, params)
+    if clash is None:
         return False
     if params["lease_id"] is None or conn.execute(_Q["run_is_held"], params):
-        raise StorageError(
-            "save_step_result",
-            f"step id {params['id']!r} already belongs to step {rows[0][1]!r} of run "
-            f"{rows[0][0]!r}, not step {params['name']!r} of run {params['run_id']!r}",
-        )
+        raise StorageError("save_step_result", clash)
     return False
+
+
+def _step_id_clash(conn: Connection, params: dict[str, Any]) -> str | None:
+    """Why ``params["id"]`` cannot be upserted as ``(run_id, name)``, or ``None`` if it can."""
+    rows = conn.execute(_Q["get_step_identity"], {"id": params["id"]})
+    if not rows or (rows[0][0], rows[0][1]) == (params["run_id"], params["name"]):
+        return None
+    return (
+        f"step id {params['id']!r} already belongs to step {rows[0][1]!r} of run "
+        f"{rows[0][0]!r}, not step {params['name']!r} of run {params['run_id']!r}"
+    )
 
 
 def get_step_results(conn: Connection, run_id: str) -> list[StepResult]:
@@ -135,6 +143,30 @@ def take_event(conn: Connection, run_id: str, event_name: str) -> EventRecord | 
     """Delete and return the oldest buffered event of that name."""
     rows = conn.execute(_Q["take_event"], {"run_id": run_id, "event_name": event_name})
     return EventRecord(value_from_text(rows[0][0]), rows[0][1]) if rows else None
+
+
+def consume_event(conn: Connection, params: dict[str, Any]) -> ConsumeResult:
+    """Lease check, take the oldest event, checkpoint its payload: one job, so all or nothing.
+
+    ``params`` are ``step_params`` of the checkpoint (its ``output`` is ignored) plus
+    ``event_name``. The job runs inside the writer's transaction, and a job that raises
+    is rolled back alone, so a clash raised after the DELETE puts the event back.
+    """
+    if not conn.execute(_Q["run_is_held"], params):
+        return ConsumeResult(held=False)
+    rows = conn.execute(_Q["take_event"], params)
+    if not rows:
+        return ConsumeResult(held=True)
+    payload, delivered_at = rows[0]
+    # The stored text is copied as is: the payload the step row holds is byte for byte
+    # the one delivered. A new dict, not an update of params: a batch may be re-run.
+    conn.execute(_Q["save_step_result"], {**params, "output": payload})
+    if conn.changes() == 0:
+        # The lease was checked above in this transaction, so only an id clash is left.
+        raise StorageError(
+            "consume_event", _step_id_clash(conn, params) or "checkpoint was not written"
+        )
+    return ConsumeResult(held=True, event=EventRecord(value_from_text(payload), delivered_at))
 
 
 def upsert_schedule(conn: Connection, params: dict[str, Any]) -> Schedule:

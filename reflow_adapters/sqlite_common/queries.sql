@@ -203,6 +203,9 @@ SET status = 'pending', wake_at = NULL, waiting_for = NULL, updated_at = :now
 WHERE id = :run_id AND status = 'waiting' AND waiting_for = :event_name
 
 -- name: take_event
+-- Also the middle statement of consume_event (ops.py): run_is_held, then this, then
+-- save_step_result with the returned payload as :output, all in one writer job, so the
+-- event is never gone without its checkpoint.
 DELETE FROM reflow_events
 WHERE seq = (SELECT seq FROM reflow_events
              WHERE run_id = :run_id AND name = :event_name

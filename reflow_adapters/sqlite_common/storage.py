@@ -45,6 +45,7 @@ from reflow_core.storage import Clock, system_clock
 from reflow_core.types import (
     ClaimedRun,
     ClaimedSchedule,
+    ConsumeResult,
     CreateRunResult,
     ErrorInfo,
     EventRecord,
@@ -369,6 +370,17 @@ class SQLiteStorageBase:
         """Remove and return the oldest buffered event of that name."""
         return await self._call(
             "take_event", functools.partial(ops.take_event, run_id=run_id, event_name=event_name)
+        )
+
+    async def consume_event(
+        self, event_name: str, checkpoint: StepResult, lease_id: str
+    ) -> ConsumeResult:
+        """Take the oldest event and checkpoint its payload in one writer job (one commit)."""
+        # The checkpoint's own output is replaced by the payload, so it is never encoded.
+        row = msgspec.structs.replace(checkpoint, output=None)
+        params = {**step_params(row, lease_id), "event_name": event_name}
+        return await self._call(
+            "consume_event", functools.partial(ops.consume_event, params=params)
         )
 
     # -- schedules --------------------------------------------------------------

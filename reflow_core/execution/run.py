@@ -158,9 +158,28 @@ class RunExecution:
         wake_at: int | None = None,
     ) -> StepResult:
         """Lease-checked upsert of unit ``name``'s row; :class:`LeaseExpiredError` if refused."""
+        row = self.step_row(
+            name, status, output=output, error=error, attempts=attempts, wake_at=wake_at
+        )
+        if not await self.storage.save_step_result(row, self.lease_id):
+            raise LeaseExpiredError(self.run.id)
+        self.rows[name] = row
+        return row
+
+    def step_row(
+        self,
+        name: str,
+        status: StepStatus,
+        *,
+        output: Any = None,
+        error: ErrorInfo | None = None,
+        attempts: int = 0,
+        wake_at: int | None = None,
+    ) -> StepResult:
+        """Unit ``name``'s row as of now, not yet stored (``created_at`` of a known row kept)."""
         now = self.runtime.clock()
         existing = self.rows.get(name)
-        row = StepResult(
+        return StepResult(
             id=step_id(self.run.id, name),
             run_id=self.run.id,
             name=name,
@@ -172,10 +191,6 @@ class RunExecution:
             updated_at=now,
             wake_at=wake_at,
         )
-        if not await self.storage.save_step_result(row, self.lease_id):
-            raise LeaseExpiredError(self.run.id)
-        self.rows[name] = row
-        return row
 
     # -- the loop -------------------------------------------------------------
 

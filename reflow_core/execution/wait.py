@@ -1,7 +1,8 @@
 """Executor of a durable wait for an external event, and the checks ``send_event`` makes.
 
 Order on each claim: a completed row replays its payload; otherwise a buffered event
-is taken (an event wins over a deadline that passed meanwhile); otherwise, past the
+is consumed (an event wins over a deadline that passed meanwhile) by one atomic storage
+call that also checkpoints it, so no crash can lose it; otherwise, past the
 deadline, the wait continues with its default or fails with
 :class:`~reflow_core.errors.WaitTimeoutError`; otherwise the run is suspended as
 ``waiting`` until an event arrives or the deadline passes. The deadline is stored on
@@ -14,6 +15,8 @@ payload is refused to its sender instead of failing the run later.
 from __future__ import annotations
 
 from typing import Any
+
+import msgspec
 
 from reflow_core import codec
 from reflow_core.errors import (
@@ -54,19 +57,33 @@ def event_payload(workflow: Workflow[Any], name: str, payload: Any) -> Any:
     return plain
 
 
-async def _finish(ex: RunExecution, unit: WaitUnit, plain: Any, *, taken: bool = False) -> Outcome:
-    """Checkpoint the wait's output (a payload or the default) and make it ``prev``.
+async def _finish(ex: RunExecution, unit: WaitUnit, plain: Any) -> Outcome:
+    """Checkpoint the wait's default output (its deadline passed) and make it ``prev``."""
+    await ex.save(unit.name, StepStatus.COMPLETED, output=plain)
+    return await _completed(ex, unit, plain)
 
-    With ``taken`` (the payload was consumed from the run's buffer), a checkpoint that
-    fails puts the event back, so that the run's next owner receives it: an event is
-    never consumed without being recorded, short of a crash between the two calls.
+
+async def _consume(ex: RunExecution, unit: WaitUnit) -> Outcome | None:
+    """Consume the oldest buffered event *and* checkpoint it, atomically; ``None`` if none.
+
+    One storage call rather than ``take_event`` then ``save``: a worker killed between
+    two calls would have destroyed the event without recording it, and the run's next
+    owner would wait for it forever. :class:`LeaseExpiredError` if the lease is lost,
+    in which case nothing was consumed and the event waits for the run's next owner.
     """
-    try:
-        await ex.save(unit.name, StepStatus.COMPLETED, output=plain)
-    except BaseException:
-        if taken:
-            await _redeliver(ex, unit.name, plain)
-        raise
+    checkpoint = ex.step_row(unit.name, StepStatus.COMPLETED)
+    result = await ex.storage.consume_event(unit.name, checkpoint, ex.lease_id)
+    if not result.held:
+        raise LeaseExpiredError(ex.run.id)
+    if result.event is None:
+        return None
+    plain = result.event.payload
+    ex.rows[unit.name] = msgspec.structs.replace(checkpoint, output=plain)
+    return await _completed(ex, unit, plain)
+
+
+async def _completed(ex: RunExecution, unit: WaitUnit, plain: Any) -> Outcome:
+    """The wait's output is checkpointed: make it ``prev`` and tell the observers."""
     ex.record(unit.name, plain, unit.payload_type)
     observers = ex.runtime.observers
     if observers.listening:
@@ -80,13 +97,6 @@ async def _finish(ex: RunExecution, unit: WaitUnit, plain: Any, *, taken: bool =
             )
         )
     return Outcome.ADVANCE
-
-
-async def _redeliver(ex: RunExecution, name: str, plain: Any) -> None:
-    try:
-        await ex.storage.deliver_event(ex.run.id, name, plain)
-    except Exception as exc:  # the original failure is what the caller must see
-        await ex.runtime.observers.error(exc)
 
 
 async def _timed_out(ex: RunExecution, unit: WaitUnit) -> Outcome:
@@ -120,9 +130,9 @@ async def run_wait(ex: RunExecution, unit: WaitUnit) -> Outcome:
         await ex.runtime.observers.emit(
             StepStarted(run_id=ex.run.id, workflow=ex.run.workflow, step=unit.name)
         )
-    taken = await ex.storage.take_event(ex.run.id, unit.name)
-    if taken is not None:
-        return await _finish(ex, unit, taken.payload, taken=True)
+    consumed = await _consume(ex, unit)
+    if consumed is not None:
+        return consumed
     now = ex.runtime.clock()
     if resuming:
         assert row is not None

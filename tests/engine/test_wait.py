@@ -212,8 +212,8 @@ def test_a_buffered_event_wins_over_a_passed_deadline(
     assert seen[1] == "late but here"
 
 
-class _RefuseWaitCheckpoint:
-    """Storage proxy refusing (as if the lease were lost) the wait's completed checkpoint."""
+class _LoseLeaseBeforeConsume:
+    """Storage proxy: just before the wait consumes, another worker takes the run over."""
 
     def __init__(self, inner: Any) -> None:
         self._inner = inner
@@ -221,27 +221,27 @@ class _RefuseWaitCheckpoint:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
-        if result.name == "approved" and result.status is StepStatus.COMPLETED:
-            return False
-        return bool(await self._inner.save_step_result(result, lease_id))
+    async def consume_event(self, event_name: str, checkpoint: StepResult, lease_id: str) -> Any:
+        takeover = await self._inner.claim_next_run(["approval"], stale_before=2**62)
+        assert takeover is not None and takeover.lease_id != lease_id
+        return await self._inner.consume_event(event_name, checkpoint, lease_id)
 
 
-def test_event_taken_but_not_checkpointed_is_delivered_again(
+def test_an_event_is_not_consumed_under_a_lost_lease(
     storage_factory: Any, clock: FakeClock
 ) -> None:
     wf = _approval_flow([])
 
     async def scenario() -> None:
         inner = storage_factory(clock=clock)
-        async with open_engine(lambda clock: _RefuseWaitCheckpoint(inner), [wf], clock) as engine:
+        async with open_engine(lambda clock: _LoseLeaseBeforeConsume(inner), [wf], clock) as engine:
             run_ = await engine.enqueue(wf)
             await engine.send_event(run_.id, "approved", {"n": 1})
-            await engine.run_until_idle()  # takes the event, the checkpoint is refused
+            await engine.run_until_idle()  # the consume is refused: LeaseExpiredError
             view = await engine.get_run(run_.id)
             assert view is not None
             assert all(s.name != "approved" for s in view.steps)
-            back = await inner.take_event(run_.id, "approved")
+            back = await inner.take_event(run_.id, "approved")  # left for the new owner
             assert back is not None
             assert back.payload == {"n": 1}
 

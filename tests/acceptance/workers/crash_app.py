@@ -44,6 +44,7 @@ import crash_ledger
 
 from reflow_core import (
     ClaimedRun,
+    ConsumeResult,
     Engine,
     ErrorInfo,
     LeaseOptions,
@@ -201,6 +202,15 @@ class LoggingStorage:
         lease = _lease(lease_id)
         emit("WRITE update_claimed_run_status", run_id, status.value, lease, "->", stored)
         return stored
+
+    async def consume_event(
+        self, event_name: str, checkpoint: StepResult, lease_id: str
+    ) -> ConsumeResult:
+        """Consume an event with its checkpoint, reporting whether the lease was held."""
+        result = await self._inner.consume_event(event_name, checkpoint, lease_id)
+        lease = _lease(lease_id)
+        emit("WRITE consume_event", checkpoint.run_id, event_name, lease, "->", result.held)
+        return result
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
