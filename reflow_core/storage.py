@@ -104,7 +104,9 @@ class StorageAdapter(Protocol):
         ``(created_at, id)``. The claim sets ``running``, a new unique ``lease_id``,
         ``heartbeat_at = now``, clears ``wake_at``/``waiting_for`` and adds one to
         ``attempt``. Two concurrent callers (threads, processes, machines) never get the
-        same run. An empty name list claims nothing.
+        same run. An empty name list claims nothing. A run whose row another transaction
+        holds at this very instant may be skipped (adapters built on ``SKIP LOCKED`` do so
+        that workers never queue behind each other); the next claim finds it.
         """
         ...
 

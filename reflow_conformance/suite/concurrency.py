@@ -20,11 +20,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from reflow_conformance.cases import case
-from reflow_conformance.harness import Harness, HarnessError, expect
+from reflow_conformance.harness import ContractViolation, Harness, HarnessError, expect
 from reflow_conformance.suite.leases import expect_all_refused
 from reflow_core.registry import Capability
 from reflow_core.storage import StorageAdapter, system_clock
-from reflow_core.types import RunFilter
+from reflow_core.types import RunFilter, RunStatus
 
 RACERS = 6
 RUNS = 40
@@ -46,6 +46,10 @@ async def _claim_all(storage: StorageAdapter, _: int) -> list[tuple[str, str]]:
     claimed = []
     while (run := await storage.claim_next_run(["wf"])) is not None:
         claimed.append((run.run.id, run.lease_id))
+        # Bounded: a store that hands the same run out forever must fail, not hang (an
+        # in-memory adapter never yields, so the case timeout could not interrupt it).
+        if len(claimed) > 2 * RUNS:
+            break
     return claimed
 
 
@@ -102,6 +106,8 @@ async def _racing_events(h: Harness, mode: str) -> None:
         taken = []
         while (record := await storage.take_event(run.id, "ev")) is not None:
             taken.append(record.payload)
+            if len(taken) > 2 * RUNS:  # bounded, as in _claim_all
+                break
         return taken
 
     taken = sorted(p for batch in await _race(h, mode, take_all) for p in batch)
@@ -117,6 +123,59 @@ async def _racing_idempotency(h: Harness, mode: str) -> None:
     expect(sum(created for _, created in results), 1, "racers told created=True")
     expect(len({run_id for run_id, _ in results}), 1, "distinct run ids returned")
     expect(len(await h.storage.list_runs(RunFilter())), 1, "runs stored")
+
+
+_TAKEOVER_TRIES = 1000
+
+
+async def _racing_fenced_save(h: Harness, mode: str) -> None:
+    old = await h.created_and_claimed()
+    run_id, future, taker = old.run.id, h.future(), RACERS // 2
+
+    async def save(storage: StorageAdapter, index: int) -> Any:
+        # One racer takes the run over and at once reads the steps; the others each save a
+        # step with the lost lease. An old-lease save is either refused or lands before
+        # the takeover, so nothing may appear after the taker's read.
+        if index != taker:
+            step = h.step(run_id, f"old-{index}", output=index)
+            return await storage.save_step_result(step, old.lease_id)
+        # A claim may skip a run whose row a concurrent write holds at that instant
+        # (SKIP LOCKED adapters; see the claim_next_run contract), so retry a bounded
+        # number of times: what matters here is what is visible after the takeover.
+        for _ in range(_TAKEOVER_TRIES):
+            new = await storage.claim_next_run(["wf"], future)
+            if new is not None:
+                return await storage.get_step_results(run_id)
+        return None
+
+    results = await _race(h, mode, save)
+    at_takeover = results[taker]
+    if at_takeover is None:
+        raise ContractViolation("claim_next_run with stale_before in the future", run_id, None)
+    expect(
+        [s.name for s in await h.storage.get_step_results(run_id)],
+        [s.name for s in at_takeover],
+        "steps after the race vs. at the takeover (an old-lease save landed after it)",
+    )
+
+
+async def _racing_cancel_vs_complete(h: Harness, mode: str) -> None:
+    claimed = await h.created_and_claimed()
+    run_id, finisher = claimed.run.id, RACERS // 2
+    live = [RunStatus.PENDING, RunStatus.RUNNING, RunStatus.SLEEPING, RunStatus.WAITING]
+
+    async def act(storage: StorageAdapter, index: int) -> tuple[str, bool]:
+        if index == finisher:
+            done = await storage.update_claimed_run_status(
+                run_id, claimed.lease_id, RunStatus.COMPLETED, output="done"
+            )
+            return "completed", done
+        cancelled = await storage.update_run_status(run_id, RunStatus.CANCELLED, expected=live)
+        return "cancelled", cancelled
+
+    winners = [what for what, ok in await _race(h, mode, act) if ok]
+    expect(len(winners), 1, f"calls that reported success ({winners}): exactly one may win")
+    expect((await h.get(run_id)).status, RunStatus(winners[0]), "final status is the winner's")
 
 
 SCENARIOS = {
@@ -136,6 +195,16 @@ SCENARIOS = {
     "idempotency": (
         "Racing create_run with one idempotency key: one run, one creator.",
         _racing_idempotency,
+    ),
+    "fenced_save": (
+        "Racing a takeover against saves with the old lease: no old-lease write lands "
+        "after the takeover.",
+        _racing_fenced_save,
+    ),
+    "cancel_vs_complete": (
+        "Racing a conditional cancel against completion: exactly one wins, and the run "
+        "ends in the winner's status.",
+        _racing_cancel_vs_complete,
     ),
 }
 

@@ -24,6 +24,9 @@ from reflow_core.registry import Capability
 from reflow_core.storage import StorageAdapter
 from reflow_core.types import ConsumeResult, EventRecord, StepResult, StepStatus
 
+MAX_TAKES = 1000
+"""Bound on drain loops, far above any case's event count."""
+
 RACERS = 6
 EVENTS = 30
 MODES: dict[str, frozenset[Capability]] = {
@@ -68,8 +71,11 @@ async def consume(
 async def remaining(h: Harness, run_id: str, event_name: str = "ev") -> list[Any]:
     """Drain the buffer with take_event: the payloads still there, oldest first."""
     payloads = []
+    # Bounded: an adapter whose take_event never removes must fail the kit, not hang it.
     while (record := await h.storage.take_event(run_id, event_name)) is not None:
         payloads.append(record.payload)
+        if len(payloads) > MAX_TAKES:
+            raise ContractViolation("take_event keeps returning events", f"<= {MAX_TAKES}", "more")
     return payloads
 
 
@@ -231,12 +237,13 @@ async def _once_same_lease(h: Harness, mode: str) -> None:
 
     async def consume_all(storage: StorageAdapter, _: int) -> list[Any]:
         taken: list[Any] = []
-        while True:
+        for _ in range(MAX_TAKES):
             result = await consume(storage, checkpoint(h, run_id), claimed.lease_id)
             expect(result.held, True, "held, for every racer presenting the held lease")
             if result.event is None:
                 return taken
             taken.append(result.event.payload)
+        raise ContractViolation("consume_event keeps returning events", f"<= {MAX_TAKES}", "more")
 
     taken = sorted(p for batch in await _race(h, mode, consume_all) for p in batch)
     expect(taken, list(range(EVENTS)), "events consumed across racers (each exactly once)")

@@ -7,8 +7,12 @@ from datetime import UTC, datetime
 import msgspec
 
 from reflow_conformance.cases import case
-from reflow_conformance.harness import Harness, assert_exact, expect
-from reflow_core.types import Recurrence
+from reflow_conformance.harness import ContractViolation, Harness, assert_exact, expect
+from reflow_core.types import ClaimedSchedule, Recurrence
+
+MAX_CLAIMS = 100
+"""More claims than any case's schedules can fire: a store that never advances a schedule
+must fail the case, not spin forever (an in-memory adapter never yields to a timeout)."""
 
 
 def _ms(text: str) -> int:
@@ -20,6 +24,20 @@ async def _next_run_at(h: Harness, key: str) -> int | None:
         if schedule.key == key:
             return schedule.next_run_at
     return None
+
+
+async def _claim_all_due(h: Harness, now: int) -> list[ClaimedSchedule]:
+    """Claim due occurrences at ``now`` until none is left (at most :data:`MAX_CLAIMS`)."""
+    claimed: list[ClaimedSchedule] = []
+    while (item := await h.storage.claim_due_schedule(["wf"], now)) is not None:
+        claimed.append(item)
+        if len(claimed) > MAX_CLAIMS:
+            raise ContractViolation(
+                f"claim_due_schedule(['wf'], {now}) keeps returning occurrences (not advanced?)",
+                f"at most {MAX_CLAIMS}",
+                [(c.schedule.key, c.slot) for c in claimed[:5]],
+            )
+    return claimed
 
 
 @case("schedules.upsert_and_list")
@@ -70,9 +88,7 @@ async def catch_up_advances_one_slot(h: Harness) -> None:
     """With catch_up, a claim advances one interval even if that is already due."""
     schedule = h.schedule("k", every_ms=100, next_run_at=1_000, catch_up=True)
     await h.storage.upsert_schedule(schedule)
-    slots = []
-    while (claimed := await h.storage.claim_due_schedule(["wf"], 1_250)) is not None:
-        slots.append(claimed.slot)
+    slots = [c.slot for c in await _claim_all_due(h, 1_250)]
     expect(slots, [1_000, 1_100, 1_200], "slots fired by catch-up")
     expect(await _next_run_at(h, "k"), 1_300, "next_run_at")
 
@@ -124,9 +140,7 @@ async def earliest_first_ties_by_key(h: Harness) -> None:
     """The earliest due schedule is claimed first; ties broken by key."""
     for key, at in (("c", 5), ("b", 5), ("a", 9), ("d", 1)):
         await h.storage.upsert_schedule(h.schedule(key, every_ms=10**9, next_run_at=at))
-    order = []
-    while (claimed := await h.storage.claim_due_schedule(["wf"], 100)) is not None:
-        order.append(claimed.schedule.key)
+    order = [c.schedule.key for c in await _claim_all_due(h, 100)]
     expect(order, ["d", "b", "c", "a"], "claim order")
 
 

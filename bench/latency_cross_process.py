@@ -1,0 +1,192 @@
+"""Cross-process dispatch latency: enqueue in one process -> first step starts in another.
+
+A worker process (multiprocessing ``spawn``) opens the store by its URL, starts an
+``Engine`` and sits idle. The parent enqueues one run at a time through its own engine,
+which is never started (like a web view that only enqueues). The first step's body
+records ``time.time_ns()`` and hands it back through a queue; the parent took
+``time.time_ns()`` just before ``enqueue()``. Both clocks are the same machine's.
+
+How the idle worker learns of the run differs by adapter, and that is the point:
+
+* PostgreSQL: the insert's transaction sends NOTIFY; the worker LISTENs and claims at
+  once. The poll interval (engine default, 1 s) is only a fallback.
+* SQLite: there is no push channel between processes; the worker finds the run at its
+  next poll. Latency is then about uniform over [0, poll interval], so it is measured at
+  the engine default (1 s) and at a short interval (0.1 s), each printed with its value.
+
+Before each enqueue the parent waits a random gap (uniform over [5 ms, 5 ms + one poll
+interval] for SQLite, [5, 25] ms for PostgreSQL) so enqueues do not fall at a fixed phase
+of the worker's poll cycle.
+
+    python bench/latency_cross_process.py
+    python bench/latency_cross_process.py --adapter postgres -n 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import queue
+import random
+import tempfile
+import time
+from multiprocessing.synchronize import Event
+from pathlib import Path
+from typing import Any
+
+from common import (
+    drop_schema,
+    fmt_ms,
+    make_storage,
+    percentile,
+    postgres_dsn,
+    postgres_unavailable,
+    print_header,
+)
+
+from reflow_core import Engine, StepContext, Workflow, open_storage
+
+TARGET_POSTGRES_P50_MS = 10.0
+"""Issue 5: cross-process dispatch p50 under 10 ms on PostgreSQL."""
+
+
+def _workflow(report: Any = None) -> Workflow[Any]:
+    """One step that reports (run number, wall-clock ns) when its body starts."""
+    workflow: Workflow[Any] = Workflow("xproc_latency")
+
+    @workflow.step
+    async def first(ctx: StepContext[Any]) -> int:
+        started = time.time_ns()
+        if report is not None:
+            report.put((ctx.input["n"], started))
+        return 1
+
+    return workflow
+
+
+def _worker(url: str, poll_interval: float, report: Any, ready: Event, stop: Event) -> None:
+    """Entry point of the worker process."""
+    asyncio.run(_worker_main(url, poll_interval, report, ready, stop))
+
+
+async def _worker_main(
+    url: str, poll_interval: float, report: Any, ready: Event, stop: Event
+) -> None:
+    storage = open_storage(url)
+    engine = Engine(storage, [_workflow(report)], concurrency=25, poll_interval=poll_interval)
+    try:
+        await engine.start()
+        await asyncio.sleep(0.3)  # let LISTEN connect and the loop settle into its idle wait
+        ready.set()
+        await asyncio.to_thread(stop.wait)
+    finally:
+        await engine.stop()
+        await storage.close()
+
+
+async def measure(
+    adapter: str, n: int, poll_interval: float, directory: Path
+) -> dict[str, list[int]]:
+    """Per-sample nanoseconds: the enqueue() call and enqueue -> step body in the worker."""
+    storage = make_storage(adapter, directory)
+    engine = Engine(storage, [_workflow()])
+    ctx = multiprocessing.get_context("spawn")
+    report: Any = ctx.Queue()
+    ready, stop = ctx.Event(), ctx.Event()
+    samples: dict[str, list[int]] = {"enqueue": [], "dispatch": []}
+    proc = None
+    try:
+        await storage.initialize()
+        assert storage.url is not None, f"{adapter} cannot be shared between processes"
+        proc = ctx.Process(
+            target=_worker, args=(storage.url, poll_interval, report, ready, stop), daemon=True
+        )
+        proc.start()
+        if not await asyncio.to_thread(ready.wait, 60):
+            raise RuntimeError("the worker process did not start within 60 s")
+        gap_max = poll_interval if adapter != "postgres" else 0.02
+        for i in range(-5, n):  # five warm-up runs
+            await asyncio.sleep(0.005 + random.uniform(0, gap_max))
+            t0 = time.time_ns()
+            await engine.enqueue("xproc_latency", {"n": i})
+            t1 = time.time_ns()
+            try:
+                seen, started = await asyncio.to_thread(report.get, True, poll_interval + 10)
+            except queue.Empty:
+                raise RuntimeError(f"run {i} did not start in the worker") from None
+            if seen != i:
+                raise RuntimeError(f"expected run {i}, the worker started run {seen}")
+            if i >= 0:
+                samples["enqueue"].append(t1 - t0)
+                samples["dispatch"].append(started - t0)
+    finally:
+        stop.set()
+        if proc is not None:
+            await asyncio.to_thread(proc.join, 30)
+            if proc.is_alive():
+                proc.kill()
+        await storage.close()
+        if adapter == "postgres":
+            drop_schema(postgres_dsn(), getattr(storage, "schema", ""))
+    return samples
+
+
+def _print(adapter: str, how: str, n: int, samples: dict[str, list[int]]) -> None:
+    print(f"  {adapter}: {how}, N={n}")
+    print(f"    {'':<28} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}")
+    for label, key in (("enqueue() call", "enqueue"), ("enqueue -> step body", "dispatch")):
+        values = samples[key]
+        print(
+            f"    {label:<28} {fmt_ms(percentile(values, 50)):>8} "
+            f"{fmt_ms(percentile(values, 90)):>8} {fmt_ms(percentile(values, 99)):>8} "
+            f"{fmt_ms(max(values)):>8}"
+        )
+
+
+async def main(args: argparse.Namespace) -> None:
+    adapters = [a.strip() for a in args.adapter.split(",") if a.strip()]
+    print_header(
+        "Reflow cross-process dispatch latency (idle worker in another process)",
+        postgres="postgres" in adapters,
+    )
+    print("milliseconds from time.time_ns() before enqueue() to time.time_ns() in the step\n")
+    with tempfile.TemporaryDirectory(prefix="reflow-bench-") as tmp:
+        for adapter in adapters:
+            if adapter == "postgres":
+                reason = postgres_unavailable(postgres_dsn())
+                if reason:
+                    print(f"  SKIP postgres: {reason}\n")
+                    continue
+                samples = await measure(adapter, args.n, 1.0, Path(tmp))
+                _print(
+                    adapter, "LISTEN/NOTIFY, poll_interval=1.0 s (fallback only)", args.n, samples
+                )
+                p50 = percentile(samples["dispatch"], 50) / 1e6
+                verdict = "met" if p50 < TARGET_POSTGRES_P50_MS else "NOT met"
+                print(
+                    f"    aim p50 < {TARGET_POSTGRES_P50_MS:.0f} ms: {verdict} "
+                    f"({p50:.2f} ms = {p50 / TARGET_POSTGRES_P50_MS:.2f}x the budget)\n",
+                    flush=True,
+                )
+            elif adapter in ("sqlite", "apsw"):
+                for poll, count in ((1.0, args.n_slow), (0.1, args.n)):
+                    samples = await measure(adapter, count, poll, Path(tmp))
+                    _print(adapter, f"polling only, poll_interval={poll} s", count, samples)
+                    print(f"    (expect p50 near {poll * 500:.0f} ms: half the poll interval)\n")
+            else:
+                print(f"  SKIP {adapter}: it cannot be shared between processes\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--adapter", default="postgres,sqlite", help="comma-separated adapters")
+    parser.add_argument("-n", type=int, default=200, help="samples (PostgreSQL; SQLite at 0.1 s)")
+    parser.add_argument(
+        "--n-slow", type=int, default=40, help="samples for SQLite at the 1 s default poll"
+    )
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse_args()))

@@ -1,0 +1,12 @@
+"""An example third-party storage adapter for Reflow (``example://NAME``).
+
+Installing this distribution is all it takes: its ``reflow`` entry point makes the
+adapter known to :func:`reflow_core.open_storage` and to the conformance kit
+(``pytest --reflow-adapter=example``).
+"""
+
+from __future__ import annotations
+
+from reflow_example_adapter.storage import ExampleStorage
+
+__all__ = ["ExampleStorage"]
