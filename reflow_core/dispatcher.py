@@ -62,6 +62,10 @@ class Dispatcher:
         self._wakeups: list[int] = []
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
+        # Set while no claim is in flight: stop() waits on it, so a claim that commits
+        # during shutdown is released rather than left running under a dead lease.
+        self._claims_settled = asyncio.Event()
+        self._claims_settled.set()
 
     def stopping(self) -> bool:
         """True once :meth:`stop` was called."""
@@ -150,29 +154,47 @@ class Dispatcher:
         """Claim up to ``slots`` runs concurrently and start them; release unused slots.
 
         Concurrent claims let a group-committing adapter put them in one transaction:
-        under load this halves the storage work per run. Returns (started, first error).
+        under load this halves the storage work per run. A run claimed while the engine
+        is stopping is released at once instead of started. Returns (started, error).
         """
-        if slots == 1:
-            outcomes: list[ClaimedRun | BaseException | None] = []
-            try:
-                outcomes.append(await self.claim())
-            except Exception as exc:
-                outcomes.append(exc)
-        else:
-            outcomes = list(
-                await asyncio.gather(*(self.claim() for _ in range(slots)), return_exceptions=True)
+        self._claims_settled.clear()
+        try:
+            if slots == 1:
+                outcomes: list[ClaimedRun | BaseException | None] = []
+                try:
+                    outcomes.append(await self.claim())
+                except Exception as exc:
+                    outcomes.append(exc)
+            else:
+                outcomes = list(
+                    await asyncio.gather(
+                        *(self.claim() for _ in range(slots)), return_exceptions=True
+                    )
+                )
+            started = 0
+            error: BaseException | None = None
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    self._slots.release()
+                    error = error or outcome
+                elif outcome is None:
+                    self._slots.release()
+                elif self.stopping():
+                    self._slots.release()
+                    await self._release(outcome)
+                elif self.spawn(outcome) is not None:
+                    started += 1
+            return started, error
+        finally:
+            self._claims_settled.set()
+
+    async def _release(self, claimed: ClaimedRun) -> None:
+        try:
+            await self.storage.update_claimed_run_status(
+                claimed.run.id, claimed.lease_id, RunStatus.PENDING
             )
-        started = 0
-        error: BaseException | None = None
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                self._slots.release()
-                error = error or outcome
-            elif outcome is None:
-                self._slots.release()
-            elif self.spawn(outcome) is not None:
-                started += 1
-        return started, error
+        except Exception as exc:
+            await self.observers.error(exc)
 
     async def loop(self) -> None:
         """Claim and execute until :meth:`stop`.
@@ -263,6 +285,7 @@ class Dispatcher:
         """Stop claiming; let runs finish for ``grace`` seconds, then abort the rest."""
         self._stopping = True
         self.wake.set()
+        await self._claims_settled.wait()
         if grace > 0 and self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
         for active in list(self.active.values()):

@@ -518,3 +518,53 @@ def test_resume_restarts_at_failed_step(storage_factory: Any) -> None:
 
     run(scenario())
     assert calls == ["one", "two", "two"]
+
+
+class GatedClaims:
+    """Wraps an adapter so that a claim, once committed, waits at a gate before it answers:
+    a claim that has taken a run but not yet told the engine, on demand."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.gated = False
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def claim_next_run(self, names: Any, stale_before: int | None = None) -> Any:
+        claimed = await self._inner.claim_next_run(names, stale_before)
+        if self.gated and claimed is not None:
+            self.entered.set()
+            await self.gate.wait()
+        return claimed
+
+
+def test_claim_landing_during_stop_is_released_not_started(storage_factory: Any) -> None:
+    """stop() while a claim is in flight: the run it claims is released, never executed."""
+    wf: Workflow[Any] = Workflow("late")
+    executed: list[str] = []
+
+    @wf.step
+    def work(ctx: StepContext[Any]) -> None:
+        executed.append(ctx.run_id)
+
+    async def scenario() -> None:
+        inner = storage_factory()
+        storage = GatedClaims(inner)
+        engine = Engine(storage, [wf], poll_interval=60)  # type: ignore[arg-type]
+        await engine.start()
+        storage.gated = True
+        run_ = await engine.enqueue(wf)
+        await asyncio.wait_for(storage.entered.wait(), 10)
+        stopping = asyncio.create_task(engine.stop())
+        await asyncio.sleep(0)  # let stop() begin: it must now wait for the claim
+        storage.gate.set()
+        await asyncio.wait_for(stopping, 10)
+        stored = await inner.get_run(run_.id)
+        assert stored is not None and stored.status is RunStatus.PENDING
+        await inner.close()
+
+    run(scenario())
+    assert executed == []
