@@ -110,6 +110,7 @@ class Observers:
         self._on_error = on_error
         self._table: dict[str, list[Callable[..., Any]]] = {}
         self._streams: list[EventStream] = []
+        self._listening = False
         self.refresh()
 
     def refresh(self) -> None:
@@ -124,11 +125,16 @@ class Observers:
             if funcs:
                 table[name] = funcs
         self._table = table
+        self._update_listening()
+
+    def _update_listening(self) -> None:
+        # Read several times per step on the hot path, so computed only on change.
+        self._listening = bool(self._streams) or any(n != "reflow_error" for n in self._table)
 
     @property
     def listening(self) -> bool:
         """Whether any hook or stream would receive run events (else skip building them)."""
-        return bool(self._streams) or any(name != "reflow_error" for name in self._table)
+        return self._listening
 
     def subscribe(self, buffer: int) -> EventStream:
         """A new stream receiving every event from now on."""
@@ -136,16 +142,19 @@ class Observers:
             raise ConfigError(f"stream buffer must be a positive int, got {buffer!r}")
         stream = EventStream(self, buffer)
         self._streams.append(stream)
+        self._update_listening()
         return stream
 
     def unsubscribe(self, stream: EventStream) -> None:
         if stream in self._streams:
             self._streams.remove(stream)
+            self._update_listening()
 
     def close_streams(self) -> None:
         for stream in self._streams:
             stream.end()
         self._streams.clear()
+        self._update_listening()
 
     async def emit(self, event: EngineEvent) -> None:
         """Call every hook for ``event``, then hand it to every stream."""
