@@ -15,8 +15,7 @@ import enum
 import importlib.metadata
 import threading
 import warnings
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, cast
 
 import msgspec
@@ -70,9 +69,12 @@ class Capability(enum.StrEnum):
 AdapterFactory = Callable[..., StorageAdapter]
 """Builds an adapter: ``factory(url=None, **options)``. Must do no I/O."""
 
-ConformanceFactory = Callable[[Path, Mapping[str, str]], StorageAdapter]
-"""Builds a fresh, empty adapter for one conformance case, given a temporary
-directory and the ``--reflow-option`` values. Must do no I/O (``initialize`` does)."""
+ConformanceFactory = Callable[..., StorageAdapter]
+"""Builds a fresh, empty adapter for one conformance case:
+``factory(tmp_path, options, clock=clock)``, given a temporary directory, the
+``--reflow-option`` values and the kit's clock. The adapter must use ``clock`` as the
+store's "now" (on a server adapter, as a test-only override of the server's time), so
+the kit can move time by hand. Must do no I/O (``initialize`` does)."""
 
 
 class AdapterSpec(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,8 +7,14 @@ them. Each docstring restates one row of the contract: what is atomic, what a
 
 Rules that apply to every method:
 
-* Times are integer milliseconds since the Unix epoch, read from the adapter's
-  clock (a ``Clock`` passed at construction, so tests can move time by hand).
+* **The store's clock is the only clock that decides.** Times are integer
+  milliseconds since the Unix epoch. Whether a lease has expired, whether a sleeping
+  or waiting run is due, and whether a schedule is due are judged by the store's own
+  "now" (:meth:`StorageAdapter.now`): the server's clock on a server adapter (never the
+  client's), the adapter's ``Clock`` on a single-host adapter (SQLite, memory). A
+  ``Clock`` passed at construction replaces that "now" for tests, so time can be moved
+  by hand. No caller passes "now" in, and no caller's lease setting decides whether
+  another caller's run is stale.
 * Values (run input and output, step output, event payloads, schedule input) cross
   as plain Python values and must come back equal and of the same type; adapters
   persist them with :mod:`reflow_core.codec`, which rejects what it cannot store
@@ -20,6 +26,22 @@ Rules that apply to every method:
   values (``"pending"``), since ``RunStatus`` is a ``StrEnum``.
 * "Held" means: the run is ``running`` and its ``lease_id`` equals the one given.
   Every lease-checked method is a no-op returning ``False`` when the lease is not held.
+* **The lease fields** (``claimed_at``, ``lease_ms``, ``lease_expires_at``, ``holder``
+  and the lease id) are set by a claim and exist only while the run is ``running``:
+  every write that moves a run out of ``running`` clears them. ``heartbeat_at`` keeps
+  its last value.
+* **Checkpoints are written once.** A step row whose status is final
+  (``completed``, ``completed-early``, ``skipped``: :attr:`StepStatus.is_done`) is
+  never changed again, by any method, with or without a valid lease: the first writer
+  wins. (``requeue_run`` deletes only ``failed`` rows, so it never touches them.)
+
+Why 2.0 departs from the original ``claim_next_run(names, stale_before)``: there, the
+claimer computed "stale" from its own wall clock and its own lease setting and compared
+it with a heartbeat stamped by the holder's clock. A claimer whose clock ran ahead, or
+one configured with a shorter lease, took runs from healthy holders, and the same step
+ran twice at once. In 2.0 the holder's lease length is stored with the run at claim,
+renewed by each heartbeat, and judged by one clock, the store's, so neither skew between
+workers nor mixed lease settings can make a live lease look expired.
 """
 
 from __future__ import annotations
@@ -35,6 +57,7 @@ from reflow_core.types import (
     CreateRunResult,
     ErrorInfo,
     EventRecord,
+    LeaseHolder,
     RunFilter,
     RunStatus,
     Schedule,
@@ -42,7 +65,11 @@ from reflow_core.types import (
     WorkflowRun,
 )
 
-__all__ = ["Clock", "StorageAdapter", "WorkNotifier", "system_clock"]
+__all__ = ["CONTRACT_VERSION", "Clock", "StorageAdapter", "WorkNotifier", "system_clock"]
+
+CONTRACT_VERSION = "2.0"
+"""The version of this contract. The conformance kit checks adapters against it; an
+adapter distribution depends on the ``reflow`` versions that implement it."""
 
 Clock = Callable[[], int]
 """Returns the current time in integer milliseconds since the Unix epoch."""
@@ -67,6 +94,16 @@ class StorageAdapter(Protocol):
 
     async def close(self) -> None:
         """Release connections and threads. Safe to call twice; the adapter is unusable after."""
+        ...
+
+    async def now(self) -> int:
+        """The store's current time in epoch milliseconds: the clock every lease, wake-up
+        and due time is judged by (the server's clock on a server adapter).
+
+        The engine reads it to compute absolute deadlines it then stores (a sleep's wake
+        time, a wait's deadline, a schedule's first firing), so that they are measured on
+        the same clock that later decides them.
+        """
         ...
 
     # -- runs -----------------------------------------------------------------
@@ -94,31 +131,46 @@ class StorageAdapter(Protocol):
         ...
 
     async def claim_next_run(
-        self, workflow_names: Collection[str], stale_before: int | None = None
+        self,
+        workflow_names: Collection[str],
+        *,
+        lease_ms: int,
+        holder: LeaseHolder | None = None,
     ) -> ClaimedRun | None:
         """Atomically claim the oldest claimable run of the named workflows.
 
-        Claimable: ``pending``; ``running`` with ``heartbeat_at < stale_before`` (when
-        given); ``sleeping`` or ``waiting`` with ``wake_at <= now``; ``waiting`` with an
-        event of its ``waiting_for`` name already buffered. Oldest means lowest
-        ``(created_at, id)``. The claim sets ``running``, a new unique ``lease_id``,
-        ``heartbeat_at = now``, clears ``wake_at``/``waiting_for`` and adds one to
-        ``attempt``. Two concurrent callers (threads, processes, machines) never get the
-        same run. An empty name list claims nothing. A run whose row another transaction
-        holds at this very instant may be skipped (adapters built on ``SKIP LOCKED`` do so
-        that workers never queue behind each other); the next claim finds it.
+        Claimable, by the store's clock ``now``: ``pending``; ``running`` with
+        ``lease_expires_at <= now`` (its holder stopped renewing: a crash, a hang, a lost
+        network); ``sleeping`` or ``waiting`` with ``wake_at <= now``. Oldest means
+        lowest ``(created_at, id)``.
+
+        The claim sets ``running``, a new unique lease id, ``claimed_at = heartbeat_at
+        = now``, ``lease_ms`` and ``lease_expires_at = now + lease_ms``, ``holder``; it
+        clears ``wake_at``/``waiting_for``, adds one to ``attempt``, and adds one to
+        ``recoveries`` when the run was taken over from an expired lease (it was
+        ``running``). ``lease_ms`` is the claimer's lease length, stored so that only
+        the holder's own setting ever decides when its lease expires.
+
+        Two concurrent callers (threads, processes, machines) never get the same run. An
+        empty name list claims nothing. A run whose row another transaction holds at
+        this very instant may be skipped (adapters built on ``SKIP LOCKED`` do so that
+        workers never queue behind each other); the next claim finds it.
         """
         ...
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
-        """Renew a held lease (``heartbeat_at = now``; ``updated_at`` is not changed).
+        """Renew a held lease: ``heartbeat_at = now``, ``lease_expires_at = now +
+        lease_ms`` (the stored length; ``updated_at`` is not changed).
 
-        ``False`` once the lease is lost (reclaimed, cancelled, released).
+        ``False`` once the lease is lost (reclaimed, cancelled, released). A lease that
+        has expired but was not yet reclaimed is still held, and renewing it is allowed:
+        nobody else can have run the step in between.
         """
         ...
 
     async def sleep_run(self, run_id: str, lease_id: str, wake_at: int) -> bool:
-        """Held run to ``sleeping`` until ``wake_at``; lease released. ``False`` if not held."""
+        """Held run to ``sleeping`` until ``wake_at`` (the store's clock); lease released.
+        ``False`` if not held."""
         ...
 
     async def wait_run(
@@ -167,7 +219,8 @@ class StorageAdapter(Protocol):
         """A ``failed`` or ``cancelled`` run back to ``pending``, in one transaction.
 
         Deletes only its ``failed`` step rows (completed, skipped, sleeping and waiting
-        rows stay, so completed work is not redone); clears ``error`` and ``output``.
+        rows stay, so completed work is not redone); clears ``error`` and ``output``;
+        sets ``recoveries`` back to 0 (an operator's resume starts a fresh count).
         ``False`` for any other status or a missing run.
         """
         ...
@@ -175,12 +228,15 @@ class StorageAdapter(Protocol):
     # -- steps ----------------------------------------------------------------
 
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
-        """Upsert a step row by ``result.id``.
+        """Upsert a step row by ``result.id``; ``True`` if it was written.
 
         With ``lease_id``: a no-op returning ``False`` unless the run is held with that
-        lease; the check and the write are atomic. ``created_at`` of an existing row is
-        kept. ``(run_id, name)`` is unique: a different id for an existing pair, or an
-        existing id under a different pair, is a ``StorageError``.
+        lease; the check and the write are atomic. Write-once: if the stored row is
+        final (``completed``, ``completed-early``, ``skipped``), nothing is written and
+        the answer is ``False``, with or without a lease (the first writer wins; the
+        caller must stop and let the run replay from storage). ``created_at`` of an
+        existing row is kept. ``(run_id, name)`` is unique: a different id for an
+        existing pair, or an existing id under a different pair, is a ``StorageError``.
         """
         ...
 
@@ -190,11 +246,18 @@ class StorageAdapter(Protocol):
 
     # -- events ---------------------------------------------------------------
 
-    async def deliver_event(self, run_id: str, event_name: str, payload: Any) -> bool:
-        """Durably buffer an event for a run; wake the run if it waits for that name.
+    async def deliver_event(
+        self, run_id: str, event_name: str, payload: Any, *, key: str | None = None
+    ) -> bool:
+        """Durably buffer an event for a run that can still receive it; wake the run if it
+        waits for that name.
 
         A run ``waiting`` for ``event_name`` goes to ``pending``. ``False`` (nothing
-        stored) if the run does not exist.
+        stored) if the run does not exist or is ``completed``, ``failed`` or
+        ``cancelled``; the status check and the write are atomic, so ``True`` means the
+        event is stored for a run that had not ended. With ``key``: a key already
+        delivered to this run (whether still buffered or consumed since) stores nothing
+        and answers ``True``, so a sender that retries delivers once.
         """
         ...
 
@@ -212,8 +275,9 @@ class StorageAdapter(Protocol):
         """Consume the oldest buffered ``event_name`` event of ``checkpoint.run_id`` and
         checkpoint its payload, as one atomic step.
 
-        In one transaction: unless the run is held with ``lease_id``, change nothing and
-        return ``ConsumeResult(held=False)``. Otherwise remove the oldest buffered event
+        In one transaction: unless the run is held with ``lease_id`` and no final row
+        already stands for ``checkpoint`` (write-once), change nothing and return
+        ``ConsumeResult(held=False)``: either way the caller must stop. Otherwise remove the oldest buffered event
         of that name (the one :meth:`take_event` would return) and upsert ``checkpoint``
         by id with its ``output`` replaced by the event's payload, under the rules of
         :meth:`save_step_result` (an existing row keeps ``created_at``; an id or
@@ -241,14 +305,16 @@ class StorageAdapter(Protocol):
         ...
 
     async def claim_due_schedule(
-        self, workflow_names: Collection[str], now: int
+        self, workflow_names: Collection[str]
     ) -> ClaimedSchedule | None:
-        """Claim the earliest due schedule (``next_run_at <= now``) of the named workflows.
+        """Claim the earliest due schedule (``next_run_at <= now``, the store's clock) of
+        the named workflows.
 
         In the same transaction advance ``next_run_at`` with
-        :func:`reflow_core.schedule.next_fire_time`, guarded on the old value, so one
-        occurrence fires once across all workers. Ties broken by ``key``. Returns the
-        schedule as stored after advancing, and ``slot``, the occurrence that fired.
+        :func:`reflow_core.schedule.next_fire_time` (given the store's ``now``), guarded on
+        the old value, so one occurrence fires once across all workers. Ties broken by
+        ``key``. Returns the schedule as stored after advancing, and ``slot``, the
+        occurrence that fired.
         """
         ...
 

@@ -20,6 +20,7 @@ __all__ = [
     "CreateRunResult",
     "ErrorInfo",
     "EventRecord",
+    "LeaseHolder",
     "Recurrence",
     "RunFilter",
     "RunStatus",
@@ -97,6 +98,17 @@ class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
     """The step that failed, on a run's error."""
 
 
+class LeaseHolder(msgspec.Struct, frozen=True, kw_only=True):
+    """Who holds a run's lease: stored with the claim so an operator can find the worker."""
+
+    worker: str
+    """The holding engine's id, unique per engine instance (``Engine.worker_id``)."""
+    host: str
+    """Host name of the holder's machine."""
+    pid: int
+    """Process id of the holder on that host."""
+
+
 class WorkflowRun(msgspec.Struct, frozen=True, kw_only=True):
     """One execution of a workflow."""
 
@@ -116,9 +128,22 @@ class WorkflowRun(msgspec.Struct, frozen=True, kw_only=True):
     waiting_for: str | None = None
     """Event name a waiting run waits for."""
     heartbeat_at: int | None = None
-    """Last claim or heartbeat of the current lease holder."""
+    """Last claim or heartbeat (the store's clock). Kept after the lease ends, so an
+    operator can tell how long ago the run was last alive."""
     attempt: int = 0
     """How many times the run was claimed (1 on first execution)."""
+    recoveries: int = 0
+    """How many claims took the run over from a holder whose lease had expired (a crash,
+    a hang, a lost lease). Reset to 0 by ``requeue_run``."""
+    claimed_at: int | None = None
+    """When the current holder claimed the run (the store's clock); only while running."""
+    lease_ms: int | None = None
+    """Lease length granted to the current holder at claim; only while running."""
+    lease_expires_at: int | None = None
+    """When the current lease expires unless renewed (the store's clock): the claim time
+    or the last heartbeat plus ``lease_ms``. Only while running."""
+    holder: LeaseHolder | None = None
+    """Who holds the lease, as given to the claim; only while running."""
 
 
 class CreateRunResult(msgspec.Struct, frozen=True):
