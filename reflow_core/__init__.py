@@ -26,6 +26,7 @@ from reflow_core.errors import (
     RunCancelledError,
     SerializationError,
     StepFailedError,
+    StepInterruptedError,
     StepTimeoutError,
     StorageError,
     ValidationError,
@@ -53,7 +54,13 @@ from reflow_core.registry import (
     register_adapter,
 )
 from reflow_core.retry import RetryDecision, RetryPolicy
-from reflow_core.storage import Clock, StorageAdapter, WorkNotifier, system_clock
+from reflow_core.storage import (
+    CONTRACT_VERSION,
+    Clock,
+    StorageAdapter,
+    WorkNotifier,
+    system_clock,
+)
 from reflow_core.types import (
     ClaimedRun,
     ClaimedSchedule,
@@ -61,6 +68,7 @@ from reflow_core.types import (
     CreateRunResult,
     ErrorInfo,
     EventRecord,
+    LeaseHolder,
     Recurrence,
     RunFilter,
     RunStatus,
@@ -74,6 +82,7 @@ from reflow_core.workflow import Branch, FailureContext, Workflow
 __version__ = "0.1.0"
 
 __all__ = [
+    "CONTRACT_VERSION",
     "AdapterConflictError",
     "AdapterError",
     "AdapterNotFoundError",
@@ -96,6 +105,7 @@ __all__ = [
     "EngineStoppedError",
     "ErrorInfo",
     "EventRecord",
+    "LeaseHolder",
     "EventStream",
     "FailureContext",
     "HookError",
@@ -118,6 +128,7 @@ __all__ = [
     "StepCompleted",
     "StepContext",
     "StepFailedError",
+    "StepInterruptedError",
     "StepResult",
     "StepSkipped",
     "StepStarted",

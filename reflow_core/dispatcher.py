@@ -8,10 +8,13 @@ event (set by an enqueue in this process, by a storage notification from another
 process, or by a finished run) or until the next local wake-up or the poll interval,
 whichever comes first. Push sources only set the event.
 
-Heartbeats are one task for all held runs. A heartbeat answered ``False`` means the
-lease is gone (reclaimed, or the run was cancelled): the run's execution is aborted
-without writing. A heartbeat that *raises* does not fail the run: the run goes on
-until its lease would have expired, and only then is abandoned.
+Leases (see :mod:`reflow_core.lease`): every claim asks the store for this engine's
+lease length and names this engine as the holder. Each held run has a fence timer on
+the loop's monotonic clock, pushed forward only by renewals the store confirmed; when
+it fires the run is aborted without waiting for storage. Heartbeats run on one loop
+for all held runs, but each call is its own task with its own timeout, so one slow or
+hung call never delays another run's renewal. A heartbeat answered ``False`` means the
+lease is gone (reclaimed, or the run was cancelled): the run is aborted at once.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from reflow_core.execution import ActiveRun
 from reflow_core.lease import LeaseOptions
 from reflow_core.observers import Observers
 from reflow_core.storage import Clock, StorageAdapter
-from reflow_core.types import ClaimedRun, RunStatus
+from reflow_core.types import ClaimedRun, LeaseHolder, RunStatus
 
 __all__ = ["Dispatcher"]
 
@@ -46,9 +49,11 @@ class Dispatcher:
         poll_interval: float,
         clock: Clock,
         observers: Observers,
+        holder: LeaseHolder,
         execute: Callable[[ClaimedRun, ActiveRun], Awaitable[None]],
     ) -> None:
         self.storage = storage
+        self.holder = holder
         self.names = list(names)
         self.concurrency = concurrency
         self.lease = lease
@@ -62,6 +67,7 @@ class Dispatcher:
         self._wakeups: list[int] = []
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._beats: set[asyncio.Task[None]] = set()
         # Set while no claim is in flight: stop() waits on it, so a claim that commits
         # during shutdown is released rather than left running under a dead lease.
         self._claims_settled = asyncio.Event()
@@ -77,50 +83,73 @@ class Dispatcher:
         """New work may be claimable now."""
         self.wake.set()
 
-    def note_wake(self, at_ms: int) -> None:
-        """A run becomes claimable at ``at_ms``: wake up then rather than at the next poll."""
-        heapq.heappush(self._wakeups, at_ms)
+    def note_wake(self, in_ms: int) -> None:
+        """A run becomes claimable in ``in_ms``: wake up then rather than at the next poll."""
+        heapq.heappush(self._wakeups, self.clock() + max(0, in_ms))
         self.wake.set()
 
     # -- claiming -----------------------------------------------------------------
 
-    async def claim(self) -> ClaimedRun | None:
-        """Claim one run, including runs whose holder stopped heartbeating."""
-        return await self.storage.claim_next_run(
-            self.names, stale_before=self.lease.stale_before(self.clock())
+    async def claim(self) -> tuple[ClaimedRun | None, float]:
+        """Claim one run (including runs whose holder's lease expired) under this engine's
+        lease; return it with the loop time the claim was sent, where its fence starts."""
+        sent = asyncio.get_running_loop().time()
+        claimed = await self.storage.claim_next_run(
+            self.names, lease_ms=self.lease.duration_ms, holder=self.holder
         )
+        return claimed, sent
 
-    def spawn(self, claimed: ClaimedRun) -> asyncio.Task[None] | None:
+    def spawn(self, claimed: ClaimedRun, sent: float) -> asyncio.Task[None] | None:
         """Execute a claimed run in its own task; the slot is released when it ends."""
-        previous = self.active.get(claimed.run.id)
-        if previous is not None and previous.abort_reason is None:
-            # We re-claimed a run we are still executing (its heartbeat looked stale to the
-            # claim: a stalled loop, or clocks that disagree). The claim replaced the lease;
-            # hand the new lease to the execution in progress instead of starting a second
-            # one, so no step of it runs twice in this process.
-            previous.lease_id = claimed.lease_id
-            previous.last_renewed = self.clock()
-            self._slots.release()
-            return None
+        run = claimed.run
+        previous = self.active.get(run.id)
+        if previous is not None:
+            if previous.abort_reason is None and run.attempt == previous.attempt + 1:
+                # We re-claimed a run we are still executing (its lease expired in the
+                # store while our loop stalled), and the claim counter shows nobody else
+                # claimed it in between: hand the new lease to the execution in progress
+                # instead of starting a second one.
+                previous.lease_id = claimed.lease_id
+                previous.attempt = run.attempt
+                previous.renewed(sent, self.lease.fence_after)
+                self._slots.release()
+                return None
+            # Someone else held the run in between (or our execution is already being
+            # torn down): what we remember may be stale. Abandon the old execution and
+            # replay from storage, once it has fully stopped.
+            previous.abort(
+                LeaseExpiredError(run.id, "this worker claimed the run again after another did")
+            )
         active = ActiveRun(
-            run_id=claimed.run.id,
-            workflow=claimed.run.workflow,
+            run_id=run.id,
+            workflow=run.workflow,
             lease_id=claimed.lease_id,
-            last_renewed=self.clock(),
+            attempt=run.attempt,
+            deadline=sent + self.lease.fence_after,
         )
+        active.arm()
         self.active[active.run_id] = active
-        task = asyncio.create_task(self._run(claimed, active), name=f"reflow-run-{active.run_id}")
+        task = asyncio.create_task(
+            self._run(claimed, active, previous), name=f"reflow-run-{active.run_id}"
+        )
         active.task = task
         self._tasks.add(task)
         return task
 
-    async def _run(self, claimed: ClaimedRun, active: ActiveRun) -> None:
+    async def _run(
+        self, claimed: ClaimedRun, active: ActiveRun, previous: ActiveRun | None
+    ) -> None:
         try:
-            await self._execute(claimed, active)
+            if previous is not None:
+                # Never two executions of one run in this process, not even a thread.
+                await previous.settled()
+            if active.abort_reason is None:
+                await self._execute(claimed, active)
         except Exception as exc:
             # Storage failed mid-run: the lease lapses and another worker resumes the run.
             await self.observers.error(exc)
         finally:
+            active.disarm()
             if self.active.get(active.run_id) is active:
                 del self.active[active.run_id]
             self._slots.release()
@@ -160,7 +189,7 @@ class Dispatcher:
         self._claims_settled.clear()
         try:
             if slots == 1:
-                outcomes: list[ClaimedRun | BaseException | None] = []
+                outcomes: list[tuple[ClaimedRun | None, float] | BaseException] = []
                 try:
                     outcomes.append(await self.claim())
                 except Exception as exc:
@@ -177,12 +206,14 @@ class Dispatcher:
                 if isinstance(outcome, BaseException):
                     self._slots.release()
                     error = error or outcome
-                elif outcome is None:
+                    continue
+                claimed, sent = outcome
+                if claimed is None:
                     self._slots.release()
                 elif self.stopping():
                     self._slots.release()
-                    await self._release(outcome)
-                elif self.spawn(outcome) is not None:
+                    await self._release(claimed)
+                elif self.spawn(claimed, sent) is not None:
                     started += 1
             return started, error
         finally:
@@ -251,31 +282,59 @@ class Dispatcher:
     # -- heartbeats ---------------------------------------------------------------
 
     async def heartbeat_loop(self) -> None:
-        """Renew every held lease each ``heartbeat_every`` seconds, until cancelled."""
-        while True:
-            await asyncio.sleep(self.lease.heartbeat_every)
-            held = list(self.active.values())
-            if held:
-                await asyncio.gather(*(self._beat(active) for active in held))
+        """Renew every held lease each ``heartbeat_every`` seconds, until cancelled.
+
+        Each renewal is a task of its own, bounded by the interval: the loop never waits
+        for one, and a run never has two in flight.
+        """
+        try:
+            while True:
+                await asyncio.sleep(self.lease.heartbeat_every)
+                for active in list(self.active.values()):
+                    if active.wants_lease() and (active.beat is None or active.beat.done()):
+                        beat = asyncio.create_task(self._beat(active))
+                        active.beat = beat
+                        self._beats.add(beat)
+                        beat.add_done_callback(self._beats.discard)
+        finally:
+            for beat in list(self._beats):
+                beat.cancel()
 
     async def _beat(self, active: ActiveRun) -> None:
-        now = self.clock()
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
+        lease_id = active.lease_id
+        timeout = self.lease.heartbeat_every
         try:
-            held = await self.storage.heartbeat_run(active.run_id, active.lease_id)
+            async with asyncio.timeout(timeout):
+                held = await self.storage.heartbeat_run(active.run_id, lease_id)
+        except TimeoutError:
+            # The fence, not this answer, decides when to give up: it runs on its own.
+            await self.observers.error(
+                StorageError(
+                    "heartbeat_run",
+                    f"run {active.run_id} got no answer within {timeout:g}s; it stops at "
+                    "its lease fence unless a later heartbeat lands",
+                )
+            )
+            return
         except Exception as exc:
             await self.observers.error(exc)
-            if self.lease.expired(active.last_renewed, self.clock()):
-                active.abort(LeaseExpiredError(active.run_id))
             return
+        if lease_id != active.lease_id:
+            return  # handed over meanwhile: this answer is about the old lease
         if held:
-            active.last_renewed = now
+            active.renewed(sent, self.lease.fence_after)
             return
-        reason: LeaseExpiredError | RunCancelledError = LeaseExpiredError(active.run_id)
+        reason: LeaseExpiredError | RunCancelledError = LeaseExpiredError(
+            active.run_id, "the store refused its heartbeat (another worker claimed it)"
+        )
         try:
-            run = await self.storage.get_run(active.run_id)
+            async with asyncio.timeout(timeout):
+                run = await self.storage.get_run(active.run_id)
             if run is not None and run.status is RunStatus.CANCELLED:
                 reason = RunCancelledError(active.run_id)
-        except StorageError:
+        except (StorageError, TimeoutError):
             pass
         active.abort(reason)
 
@@ -292,3 +351,4 @@ class Dispatcher:
             abort(active)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+

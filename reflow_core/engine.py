@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +55,7 @@ from reflow_core.scheduling import Scheduler, build_schedule
 from reflow_core.storage import Clock, StorageAdapter, WorkNotifier, system_clock
 from reflow_core.types import (
     ClaimedRun,
+    LeaseHolder,
     RunFilter,
     RunStatus,
     Schedule,
@@ -85,7 +88,10 @@ class Engine:
     long a claim survives without a heartbeat; ``poll_interval`` (seconds) is how often
     an idle engine looks for work enqueued by *other* processes when the storage cannot
     notify it. ``hooks`` are objects with ``reflow_*`` hook methods; ``on_error``
-    receives errors that are no run's outcome. ``clock`` (milliseconds) is for tests.
+    receives errors that are no run's outcome. ``worker_id`` names this engine as the
+    holder of the runs it claims (default: a random id). ``clock`` (milliseconds) is for
+    tests: it stamps records and paces local waits; leases, wake-ups and due times are
+    always judged by the storage's clock.
     """
 
     def __init__(
@@ -100,6 +106,7 @@ class Engine:
         on_error: Callable[[BaseException], Any] | None = None,
         clock: Clock | None = None,
         use_plugins: bool = True,
+        worker_id: str | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"concurrency must be a positive int, got {concurrency!r}")
@@ -111,6 +118,9 @@ class Engine:
         self.lease = lease or LeaseOptions()
         self.poll_interval = to_seconds(poll_interval, what="poll_interval", allow_zero=False)
         self.clock: Clock = clock or system_clock
+        if worker_id is not None and (not isinstance(worker_id, str) or not worker_id):
+            raise ConfigError(f"worker_id must be a non-empty str, got {worker_id!r}")
+        self.worker_id = worker_id or uuid.uuid4().hex[:12]
         self.workflows: dict[str, Workflow[Any]] = {}
         for workflow in workflows:
             self.register(workflow)
@@ -171,6 +181,11 @@ class Engine:
                 poll_interval=self.poll_interval,
                 clock=self.clock,
                 observers=self.observers,
+                # Read when the engine first claims, not when it is built: a worker
+                # process forked after building the engine reports its own pid.
+                holder=LeaseHolder(
+                    worker=self.worker_id, host=socket.gethostname(), pid=os.getpid()
+                ),
                 execute=self._execute,
             )
         return self._dispatcher
@@ -214,7 +229,10 @@ class Engine:
         """Stop claiming; give running runs ``grace`` seconds to finish; release the rest.
 
         Runs still executing after the grace period are interrupted and their leases
-        released, so any worker can resume them at once. Safe to call twice.
+        released, so any worker can resume them at once. A plain ``def`` step cannot be
+        interrupted: its run keeps its lease (and its heartbeat) until the function
+        returns, and is released only then, so no other worker runs the same step at the
+        same time; ``stop`` returns after that. Safe to call twice.
         """
         if self._closed:
             return
@@ -414,19 +432,26 @@ class Engine:
             )
         )
 
-    async def send_event(self, run_id: str, name: str, payload: Any = None) -> bool:
+    async def send_event(
+        self, run_id: str, name: str, payload: Any = None, *, key: str | None = None
+    ) -> bool:
         """Deliver event ``name`` to a run; it is buffered durably until the run takes it.
 
         The payload is validated against the wait's declared type now
-        (:class:`ValidationError` to the sender). ``False`` if the run does not exist or
-        has ended; :class:`ConfigError` if its workflow has no wait of that name.
+        (:class:`ValidationError` to the sender). ``True`` only if the event is stored for
+        a run that had not ended; ``False`` if the run does not exist or has ended (the
+        store checks and writes in one step). With ``key``, sending again with the same
+        key delivers nothing more, so a sender may retry safely. :class:`ConfigError` if
+        the run's workflow has no wait of that name.
         """
+        if key is not None and (not isinstance(key, str) or not key):
+            raise ConfigError(f"event key must be a non-empty str, got {key!r}")
         await self._ready()
         run = await self.storage.get_run(run_id)
         if run is None or run.status.is_terminal:
             return False
         plain = event_payload(self.workflow(run.workflow), name, payload)
-        delivered = await self.storage.deliver_event(run_id, name, plain)
+        delivered = await self.storage.deliver_event(run_id, name, plain, key=key)
         if delivered and self._dispatcher is not None:
             self._dispatcher.poke()
         return delivered
@@ -460,7 +485,7 @@ class Engine:
             timezone=timezone,
             key=key,
             catch_up=catch_up,
-            now=self.clock(),
+            now=await self.storage.now(),  # the first firing is judged by the store's clock
         )
         await self.storage.upsert_schedule(record)
         if self._scheduler is not None:

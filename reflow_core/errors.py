@@ -16,6 +16,7 @@ says what happened, to what, and what to do about it. The tree::
     │   └── AdapterConflictError     ADAPTER_CONFLICT
     ├── StorageError                 STORAGE            a driver failed (its error is __cause__)
     ├── StepTimeoutError             STEP_TIMEOUT
+    ├── StepInterruptedError         STEP_INTERRUPTED   a step raised SystemExit, CancelledError
     ├── StepFailedError              STEP_FAILED
     ├── WaitTimeoutError             WAIT_TIMEOUT
     ├── HookError                    HOOK               a hook or on-failure handler raised
@@ -45,6 +46,7 @@ __all__ = [
     "RunCancelledError",
     "SerializationError",
     "StepFailedError",
+    "StepInterruptedError",
     "StepTimeoutError",
     "StorageError",
     "ValidationError",
@@ -164,6 +166,31 @@ class StepTimeoutError(ReflowError):
         self.timeout_s = timeout_s
 
 
+class StepInterruptedError(ReflowError):
+    """A step raised a ``BaseException`` that is not an ordinary error: ``SystemExit``
+    (a library calling ``sys.exit()``), ``KeyboardInterrupt``, ``GeneratorExit``, or a
+    ``CancelledError`` of its own (awaiting a task that something else cancelled).
+
+    Recorded as the step's failure and never retried: letting it propagate would kill
+    the worker, and every worker that claimed the run after it, or loop the run forever.
+    The original exception is the ``__cause__``; its traceback is stored with the error.
+    """
+
+    code = "STEP_INTERRUPTED"
+
+    def __init__(self, step: str, error: BaseException) -> None:
+        kind = type(error)
+        name = (
+            kind.__qualname__
+            if kind.__module__ == "builtins"
+            else f"{kind.__module__}.{kind.__qualname__}"
+        )
+        detail = f": {error}" if str(error) else ""
+        super().__init__(f"step {step!r} raised {name}{detail}")
+        self.step = step
+        self.error = error
+
+
 class StepFailedError(ReflowError):
     """A step failed without an exception of its own to report (e.g. aborted before any attempt)."""
 
@@ -202,9 +229,10 @@ class LeaseExpiredError(ControlFlow):
 
     code = "LEASE_EXPIRED"
 
-    def __init__(self, run_id: str) -> None:
-        super().__init__(f"lease on run {run_id} was lost; another worker now owns it")
+    def __init__(self, run_id: str, why: str = "another worker may own it now") -> None:
+        super().__init__(f"lease on run {run_id} was lost: {why}")
         self.run_id = run_id
+        self.why = why
 
 
 class RunCancelledError(ControlFlow):

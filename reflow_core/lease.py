@@ -1,14 +1,24 @@
-"""Lease arithmetic: how long a claim lives without a heartbeat, and how often to renew it.
+"""Lease arithmetic: how long a claim lives, how often to renew it, when to stop trusting it.
 
-A worker holds a run while it keeps heartbeating. Another worker may reclaim the run
-once its last heartbeat is older than ``duration``. Heartbeats every
-``heartbeat_interval`` (default a third of the duration) leave room for two missed
-renewals before anyone else may take over.
+A worker asks for a lease of ``duration`` when it claims a run. The store records that
+length with the run and judges expiry on its own clock: the lease lives until the
+store's "now" passes the last renewal plus ``duration``. Nobody else's clock or setting
+enters into it, so neither skewed clocks nor mixed ``--lease`` settings across a fleet
+can make a live lease look expired.
 
->>> LeaseOptions(duration=30).heartbeat_every
-10.0
->>> LeaseOptions(duration=30).stale_before(now_ms=100_000)
-70000
+The holder fences itself without asking the store: it keeps a local deadline on its
+monotonic clock, counted from the moment it *sent* the claim or the last heartbeat that
+the store confirmed, of ``duration`` minus a safety ``margin``. The store stamped that
+renewal after it was sent, so the store's expiry is later still: the holder stops
+before anyone else can take over, even if every later heartbeat hangs.
+
+Heartbeats every ``heartbeat_interval`` (default a third of the duration) leave room for
+two lost renewals before the fence; each heartbeat call may take at most that interval,
+so a hung call never delays the next one.
+
+>>> lease = LeaseOptions(duration=30)
+>>> lease.duration_ms, lease.heartbeat_every, lease.fence_after
+(30000, 10.0, 27.0)
 """
 
 from __future__ import annotations
@@ -18,24 +28,51 @@ from dataclasses import dataclass
 from reflow_core.durations import Duration, to_seconds
 from reflow_core.errors import ConfigError
 
-__all__ = ["LeaseOptions"]
+__all__ = ["MAX_LEASE_S", "LeaseOptions"]
+
+MAX_LEASE_S = 7 * 24 * 3600.0
+"""The longest lease a worker may ask for (a week): longer would leave a crashed worker's
+runs stranded for longer than anyone would wait."""
+
+_MARGIN_FRACTION = 0.1
+_MARGIN_CAP_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
 class LeaseOptions:
-    """Lease duration and heartbeat interval (seconds, a ``timedelta`` or ``"30s"``)."""
+    """Lease duration, heartbeat interval and fencing margin (seconds, a ``timedelta`` or
+    ``"30s"``).
+
+    ``margin`` (default a tenth of the duration, at most 5 s, and at most half the time
+    between a heartbeat and the lease's end) is how much earlier than
+    the store's expiry the holder gives up on its own: room for a step to be interrupted
+    and for the two clocks to tick at slightly different rates.
+    """
 
     duration: Duration = 30.0
     heartbeat_interval: Duration | None = None
+    margin: Duration | None = None
 
     def __post_init__(self) -> None:
         duration = to_seconds(self.duration, what="lease duration", allow_zero=False)
+        if duration * 1000 < 10 or duration > MAX_LEASE_S:
+            raise ConfigError(
+                f"lease duration must be between 10 ms and {MAX_LEASE_S:g}s, got {duration:g}s"
+            )
         if self.heartbeat_interval is not None:
             beat = to_seconds(self.heartbeat_interval, what="heartbeat interval", allow_zero=False)
             if beat >= duration:
                 raise ConfigError(
                     f"heartbeat interval ({beat:g}s) must be shorter than the lease "
                     f"duration ({duration:g}s), or the lease expires between heartbeats"
+                )
+        if self.margin is not None:
+            margin = to_seconds(self.margin, what="lease margin")
+            if margin >= duration - self.heartbeat_every:
+                raise ConfigError(
+                    f"lease margin ({margin:g}s) must be shorter than the lease duration "
+                    f"minus the heartbeat interval ({duration - self.heartbeat_every:g}s), or "
+                    "a holder would fence itself before its first heartbeat could land"
                 )
 
     @property
@@ -44,17 +81,27 @@ class LeaseOptions:
         return to_seconds(self.duration)
 
     @property
+    def duration_ms(self) -> int:
+        """Lease duration in whole milliseconds: what a claim asks the store for."""
+        return max(1, round(self.duration_s * 1000))
+
+    @property
     def heartbeat_every(self) -> float:
-        """Seconds between heartbeats."""
+        """Seconds between heartbeats; also the most a single heartbeat call may take."""
         if self.heartbeat_interval is not None:
             return to_seconds(self.heartbeat_interval)
         return self.duration_s / 3
 
-    def stale_before(self, now_ms: int) -> int:
-        """Runs whose last heartbeat is older than this (ms) may be reclaimed."""
-        return now_ms - round(self.duration_s * 1000)
+    @property
+    def margin_s(self) -> float:
+        """Seconds before the store's expiry at which the holder fences itself."""
+        if self.margin is not None:
+            return to_seconds(self.margin)
+        slack = self.duration_s - self.heartbeat_every
+        return min(self.duration_s * _MARGIN_FRACTION, _MARGIN_CAP_S, slack / 2)
 
-    def expired(self, last_renewed_ms: int, now_ms: int) -> bool:
-        """True once a holder that last renewed at ``last_renewed_ms`` must assume it lost the
-        lease (another worker may already have reclaimed the run)."""
-        return now_ms - last_renewed_ms >= round(self.duration_s * 1000)
+    @property
+    def fence_after(self) -> float:
+        """Seconds after sending a confirmed claim or heartbeat at which the holder must
+        assume its lease lost: stop the run, write nothing more."""
+        return self.duration_s - self.margin_s

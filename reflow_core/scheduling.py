@@ -162,6 +162,9 @@ class Scheduler:
         self.poll_interval = poll_interval
         self.wake = asyncio.Event()
         self._next_at: int | None = None
+        # The store's clock minus ours, as last seen: due times are the store's, and this
+        # turns the next one into a local wait.
+        self._offset = 0
 
     def poke(self) -> None:
         """A schedule was registered or changed: look again now."""
@@ -205,7 +208,12 @@ class Scheduler:
         """Fire every occurrence due now; return how many were claimed. Never raises."""
         fired = 0
         while True:
-            now = self.clock()
+            try:
+                now = await self.storage.now()  # due times are judged by the store's clock
+            except Exception as exc:
+                await self.observers.error(exc)
+                return fired
+            self._offset = now - self.clock()
             due = await self._due(now)
             if not due:
                 return fired
@@ -213,7 +221,7 @@ class Scheduler:
             if not await self._create(first, first.next_run_at):
                 return fired
             try:
-                claimed = await self.storage.claim_due_schedule(self.names, now)
+                claimed = await self.storage.claim_due_schedule(self.names)
             except Exception as exc:
                 await self.observers.error(exc)
                 return fired
@@ -226,7 +234,7 @@ class Scheduler:
     def _idle_timeout(self) -> float:
         timeout = self.poll_interval
         if self._next_at is not None:
-            timeout = min(timeout, (self._next_at - self.clock()) / 1000)
+            timeout = min(timeout, (self._next_at - self.clock() - self._offset) / 1000)
         return max(timeout, 0.0)
 
     async def loop(self) -> None:

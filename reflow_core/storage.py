@@ -277,8 +277,9 @@ class StorageAdapter(Protocol):
 
         In one transaction: unless the run is held with ``lease_id`` and no final row
         already stands for ``checkpoint`` (write-once), change nothing and return
-        ``ConsumeResult(held=False)``: either way the caller must stop. Otherwise remove the oldest buffered event
-        of that name (the one :meth:`take_event` would return) and upsert ``checkpoint``
+        ``ConsumeResult(held=False)``: either way the caller must stop. Otherwise remove
+        the oldest buffered event of that name (the one :meth:`take_event` would return)
+        and upsert ``checkpoint``
         by id with its ``output`` replaced by the event's payload, under the rules of
         :meth:`save_step_result` (an existing row keeps ``created_at``; an id or
         ``(run_id, name)`` clash is a ``StorageError`` and consumes nothing). Return
@@ -304,9 +305,7 @@ class StorageAdapter(Protocol):
         """
         ...
 
-    async def claim_due_schedule(
-        self, workflow_names: Collection[str]
-    ) -> ClaimedSchedule | None:
+    async def claim_due_schedule(self, workflow_names: Collection[str]) -> ClaimedSchedule | None:
         """Claim the earliest due schedule (``next_run_at <= now``, the store's clock) of
         the named workflows.
 

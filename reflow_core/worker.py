@@ -14,8 +14,13 @@ reflow_core.worker`` children, forwards SIGTERM/SIGINT to them, and restarts one
 crashes (with backoff).
 
 Shutdown on SIGTERM or SIGINT: the engine stops claiming, running steps get ``grace``
-seconds to finish, and the leases of runs still executing are released so another worker
-resumes them at once. A second signal exits immediately (leases then expire on their own).
+seconds to finish, and then the runs still executing are stopped and their leases
+released so another worker resumes them at once. An ``async`` step is interrupted at
+once; a plain ``def`` step cannot be interrupted (it runs in a thread), so its run keeps
+its lease, heartbeating, until the function returns, and only then is released: no
+other worker starts the same step while it still runs here. ``grace`` is therefore how
+long steps may *finish normally*, not a bound on how long shutdown takes. A second
+signal exits immediately (leases then expire on their own).
 """
 
 from __future__ import annotations
@@ -231,7 +236,9 @@ async def serve(config: WorkerConfig, *, supervisor_pid: int | None = None) -> i
             log.warning("%s again: exiting now; leases of running runs expire by themselves", name)
             os._exit(1)
         log.info(
-            "%s: stop claiming; running steps get %gs to finish, then their leases are released",
+            "%s: stop claiming; running steps get %gs to finish, then their leases are "
+            "released (a def step still running keeps its lease until it returns; signal "
+            "again to exit at once)",
             name,
             config.grace,
         )

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from reflow_adapters.sqlite_common.url import storage_arguments
-from reflow_core import AdapterSpec, Capability, ConfigError, hookimpl
+from reflow_core import AdapterSpec, Capability, Clock, ConfigError, hookimpl
 
 if TYPE_CHECKING:
     from reflow_adapters.apsw.storage import APSWStorage
@@ -39,8 +39,11 @@ def make_storage(url: str | None = None, **options: Any) -> APSWStorage:
     return _storage_class()(path, **arguments)
 
 
-def _conformance_storage(tmp_path: Path, options: Mapping[str, str]) -> APSWStorage:
-    return _storage_class()(tmp_path / "conformance.db")
+def _conformance_storage(
+    tmp_path: Path, options: Mapping[str, str], *, clock: Clock | None = None
+) -> APSWStorage:
+    """A fresh adapter on a new file for one conformance case; ``clock`` is its "now"."""
+    return _storage_class()(tmp_path / "conformance.db", clock=clock)
 
 
 @hookimpl

@@ -4,12 +4,15 @@ Claims must not scan every run (the adapter sustains thousands of runs a second)
 Each workflow has a heap of *ready* candidates keyed ``(created_at, id)``, so the
 oldest claimable run is at a heap's top. A run enters it when it becomes pending,
 when its wake time passes (moved from a global heap of ``(wake_at, id)``) or when its
-heartbeat goes stale (moved from a global heap of ``(heartbeat_at, id)``).
+lease expires (moved from a global heap of ``(lease_expires_at, id)``). Both times are
+read against the store's clock only, so whether a run is claimable never depends on
+who asks.
 
 Entries are never removed eagerly: each one is checked when it reaches a heap's top,
-so a run whose state changed since it was pushed is skipped there. The two time
-heaps are rebuilt from the live runs when stale entries outnumber them, which keeps
-memory bounded and every operation amortised O(log n).
+so a run whose state changed since it was pushed is skipped there (and filed again,
+in case the clock moved back). The two time heaps are rebuilt from the live runs when
+stale entries outnumber them, which keeps memory bounded and every operation
+amortised O(log n).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import heapq
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from reflow_core.types import ErrorInfo, RunStatus
+from reflow_core import codec
+from reflow_core.types import ErrorInfo, LeaseHolder, RunStatus, WorkflowRun
 
-__all__ = ["ClaimIndex", "RunRow"]
+__all__ = ["ClaimIndex", "RunRow", "claimable"]
 
 _PENDING = RunStatus.PENDING
 _RUNNING = RunStatus.RUNNING
@@ -45,19 +49,77 @@ class RunRow:
     waiting_for: str | None
     heartbeat_at: int | None
     attempt: int
+    recoveries: int = 0
+    # The lease: set by a claim, present only while the run is running.
     lease_id: str | None = None
+    claimed_at: int | None = None
+    lease_ms: int | None = None
+    lease_expires_at: int | None = None
+    holder: LeaseHolder | None = None
     queued: bool = False
     """An entry for this run sits in its workflow's ready heap (so never push a second)."""
 
+    @classmethod
+    def create(cls, run: WorkflowRun, data: bytes | None, output: bytes | None) -> RunRow:
+        """A row storing ``run`` as given, with its input and output already encoded."""
+        return cls(
+            id=run.id,
+            workflow=run.workflow,
+            input=data,
+            status=RunStatus(run.status),
+            created_at=run.created_at,
+            updated_at=run.updated_at,
+            idempotency_key=run.idempotency_key,
+            output=output,
+            error=run.error,
+            wake_at=run.wake_at,
+            waiting_for=run.waiting_for,
+            heartbeat_at=run.heartbeat_at,
+            attempt=run.attempt,
+            recoveries=run.recoveries,
+            claimed_at=run.claimed_at,
+            lease_ms=run.lease_ms,
+            lease_expires_at=run.lease_expires_at,
+            holder=run.holder,
+        )
 
-def claimable(row: RunRow, now: int, stale_before: int | None) -> bool:
-    """Whether ``claim_next_run(..., stale_before)`` at ``now`` may take ``row``."""
+    def record(self) -> WorkflowRun:
+        """The public record: values decoded into fresh objects, the lease id left out."""
+        return WorkflowRun(
+            id=self.id,
+            workflow=self.workflow,
+            input=None if self.input is None else codec.decode(self.input),
+            status=self.status,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+            idempotency_key=self.idempotency_key,
+            output=None if self.output is None else codec.decode(self.output),
+            error=self.error,
+            wake_at=self.wake_at,
+            waiting_for=self.waiting_for,
+            heartbeat_at=self.heartbeat_at,
+            attempt=self.attempt,
+            recoveries=self.recoveries,
+            claimed_at=self.claimed_at,
+            lease_ms=self.lease_ms,
+            lease_expires_at=self.lease_expires_at,
+            holder=self.holder,
+        )
+
+    def release(self) -> None:
+        """Drop the lease fields (the run is leaving ``running``); ``heartbeat_at`` stays."""
+        self.lease_id = self.claimed_at = self.lease_ms = self.lease_expires_at = None
+        self.holder = None
+
+
+def claimable(row: RunRow, now: int) -> bool:
+    """Whether ``claim_next_run`` at the store's ``now`` may take ``row``."""
     status = row.status
     if status is _PENDING:
         return True
     if status is _RUNNING:
-        beat = row.heartbeat_at
-        return stale_before is not None and beat is not None and beat < stale_before
+        expires = row.lease_expires_at
+        return expires is not None and expires <= now
     return status in _SUSPENDED and row.wake_at is not None and row.wake_at <= now
 
 
@@ -68,7 +130,7 @@ class ClaimIndex:
         self._runs = runs
         self._ready: dict[str, list[_Key]] = {}
         self._wakes: list[_Key] = []
-        self._beats: list[_Key] = []
+        self._leases: list[_Key] = []
         self._running: set[str] = set()  # the live entries of the two time heaps
         self._suspended: set[str] = set()
 
@@ -76,7 +138,7 @@ class ClaimIndex:
         """Forget every entry (the store is being dropped)."""
         self._ready.clear()
         self._wakes.clear()
-        self._beats.clear()
+        self._leases.clear()
         self._running.clear()
         self._suspended.clear()
 
@@ -89,7 +151,7 @@ class ClaimIndex:
             self._queue(row)
         elif status is _RUNNING:
             self._running.add(row.id)
-            self.beat(row)
+            self.renew(row)
         elif status in _SUSPENDED and row.wake_at is not None:
             self._suspended.add(row.id)
             heapq.heappush(self._wakes, (row.wake_at, row.id))
@@ -100,53 +162,52 @@ class ClaimIndex:
                 ]
                 heapq.heapify(self._wakes)
 
-    def beat(self, row: RunRow) -> None:
-        """Note a running row's new ``heartbeat_at``, for stale detection."""
-        if row.heartbeat_at is None:
+    def renew(self, row: RunRow) -> None:
+        """Note a running row's new ``lease_expires_at`` (a claim or a heartbeat)."""
+        if row.lease_expires_at is None:
             return
-        heapq.heappush(self._beats, (row.heartbeat_at, row.id))
+        heapq.heappush(self._leases, (row.lease_expires_at, row.id))
         # Every claim and heartbeat pushes, so superseded entries pile up; rebuild.
-        if len(self._beats) > 2 * len(self._running) + 64:
+        if len(self._leases) > 2 * len(self._running) + 64:
             runs = self._runs
-            self._beats = [
-                (at, i) for i in self._running if (at := runs[i].heartbeat_at) is not None
+            self._leases = [
+                (at, i) for i in self._running if (at := runs[i].lease_expires_at) is not None
             ]
-            heapq.heapify(self._beats)
+            heapq.heapify(self._leases)
 
     def _queue(self, row: RunRow) -> None:
         if not row.queued:
             row.queued = True
             heapq.heappush(self._ready.setdefault(row.workflow, []), (row.created_at, row.id))
 
-    def pop_oldest(
-        self, workflow_names: Collection[str], now: int, stale_before: int | None
-    ) -> RunRow | None:
-        """Remove and return the claimable row with the lowest ``(created_at, id)``."""
-        runs, wakes, beats = self._runs, self._wakes, self._beats
-        while wakes and wakes[0][0] <= now:
-            row = runs.get(heapq.heappop(wakes)[1])
-            if row is not None and claimable(row, now, None):
+    def _promote(self, heap: list[_Key], now: int) -> None:
+        """Move every entry of a time heap that is due at ``now`` to the ready heaps."""
+        runs = self._runs
+        while heap and heap[0][0] <= now:
+            row = runs.get(heapq.heappop(heap)[1])
+            if row is not None and claimable(row, now):
                 self._queue(row)
-        if stale_before is not None:
-            while beats and beats[0][0] < stale_before:
-                at, run_id = heapq.heappop(beats)
-                row = runs.get(run_id)
-                if row is not None and row.status is _RUNNING and row.heartbeat_at == at:
-                    self._queue(row)
+
+    def pop_oldest(self, workflow_names: Collection[str], now: int) -> RunRow | None:
+        """Remove and return the claimable row with the lowest ``(created_at, id)``."""
+        self._promote(self._wakes, now)
+        self._promote(self._leases, now)
+        runs = self._runs
         best: list[_Key] | None = None
         for name in workflow_names:
             heap = self._ready.get(name)
             while heap:
                 row = runs.get(heap[0][1])
-                if row is not None and claimable(row, now, stale_before):
+                if row is not None and claimable(row, now):
                     if best is None or heap[0] < best[0]:
                         best = heap
                     break
                 heapq.heappop(heap)
                 if row is not None:
+                    # Renewed, woken or ended since it was queued, or the clock moved
+                    # back: file it again so its time entry is not lost.
                     row.queued = False
-                    if row.status is _RUNNING:  # not stale for this caller: back to the beats
-                        self.beat(row)
+                    self.file(row)
         if best is None:
             return None
         row = runs[heapq.heappop(best)[1]]

@@ -33,9 +33,14 @@ def _open(url: str | None = None, *, clock: Clock | None = None, **options: Any)
     return MemoryStorage(clock=clock)
 
 
-def _fresh(tmp_path: Path, options: Mapping[str, str]) -> MemoryStorage:
-    # Nothing to place in tmp_path, and no command-line option applies to memory.
-    return MemoryStorage()
+def _fresh(
+    tmp_path: Path, options: Mapping[str, str], *, clock: Clock | None = None
+) -> MemoryStorage:
+    """A fresh, empty store for one conformance case, on the kit's ``clock``.
+
+    Nothing to place in ``tmp_path``, and no command-line option applies to memory.
+    """
+    return MemoryStorage(clock=clock)
 
 
 @hookimpl

@@ -8,7 +8,7 @@ from typing import Any
 
 from reflow_adapters.sqlite.storage import SQLiteStorage
 from reflow_adapters.sqlite_common.url import storage_arguments
-from reflow_core import AdapterSpec, Capability, hookimpl
+from reflow_core import AdapterSpec, Capability, Clock, hookimpl
 
 __all__ = ["make_storage", "reflow_adapters"]
 
@@ -39,5 +39,8 @@ def reflow_adapters() -> list[AdapterSpec]:
     ]
 
 
-def _conformance_storage(tmp_path: Path, options: Mapping[str, str]) -> SQLiteStorage:
-    return SQLiteStorage(tmp_path / "conformance.db")
+def _conformance_storage(
+    tmp_path: Path, options: Mapping[str, str], *, clock: Clock | None = None
+) -> SQLiteStorage:
+    """A fresh adapter on a new file for one conformance case; ``clock`` is its "now"."""
+    return SQLiteStorage(tmp_path / "conformance.db", clock=clock)

@@ -3,7 +3,8 @@
 Each function runs on a worker thread: writes inside the writer's transaction (and
 their own savepoint), reads on the reader's connection. Parameters arrive already
 encoded (see ``rows.py``), so nothing here can raise ``SerializationError``. Every
-check-then-write is either one statement or two statements in that transaction.
+check-then-write is either one statement or several statements of one job, in that
+transaction. "Now" is the adapter's clock, read by the caller and bound as ``:now``.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def list_runs(conn: Connection, filter: RunFilter) -> list[WorkflowRun]:
 
 
 def claim_next_run(conn: Connection, params: dict[str, Any]) -> ClaimedRun | None:
-    """Claim the oldest claimable run; ``params`` carries the new lease id."""
+    """Claim the oldest claimable run; ``params`` carries the new lease id, its length
+    and holder, and the store's ``now`` that judges expiry."""
     rows = conn.execute(_Q["claim_next_run"], params)
     return ClaimedRun(run_from_row(rows[0]), params["lease_id"]) if rows else None
 
@@ -100,12 +102,14 @@ def requeue_run(conn: Connection, run_id: str, now: int) -> bool:
 
 
 def save_step_result(conn: Connection, params: dict[str, Any]) -> bool:
-    """Upsert a step row (lease-checked when ``params["lease_id"]`` is set)."""
+    """Upsert a step row (lease-checked when ``params["lease_id"]`` is set); never
+    over a final row (write-once, decided by the upsert itself)."""
     conn.execute(_Q["save_step_result"], params)
     if conn.changes() > 0:
         return True
-    # Nothing written: either the lease is not held, or the id already names another
-    # (run_id, name), which the contract makes an error rather than a silent no-op.
+    # Nothing written: the lease is not held, or the stored row is final, or the id
+    # already names another (run_id, name), which the contract makes an error rather
+    # than a silent no-op.
     clash = _step_id_clash(conn, params)
     if clash is None:
         return False
@@ -131,10 +135,18 @@ def get_step_results(conn: Connection, run_id: str) -> list[StepResult]:
 
 
 def deliver_event(conn: Connection, params: dict[str, Any]) -> bool:
-    """Buffer an event and wake the run if it waits for that name."""
+    """Buffer an event for a run that has not ended and wake it if it waits for that name.
+
+    One writer job, so the status check, the key check and the writes are atomic. With a
+    key already delivered to the run, nothing is stored and the answer is ``True`` even
+    if the run has ended since: that delivery did land (a missing run has no keys left,
+    they are deleted with it).
+    """
     conn.execute(_Q["insert_event"], params)
     if conn.changes() == 0:
-        return False
+        return params["key"] is not None and bool(conn.execute(_Q["event_key_seen"], params))
+    if params["key"] is not None:
+        conn.execute(_Q["record_event_key"], params)
     conn.execute(_Q["wake_waiting_run"], params)
     return True
 
@@ -146,13 +158,16 @@ def take_event(conn: Connection, run_id: str, event_name: str) -> EventRecord | 
 
 
 def consume_event(conn: Connection, params: dict[str, Any]) -> ConsumeResult:
-    """Lease check, take the oldest event, checkpoint its payload: one job, so all or nothing.
+    """Lease and write-once check, take the oldest event, checkpoint its payload: one
+    job, so all or nothing.
 
     ``params`` are ``step_params`` of the checkpoint (its ``output`` is ignored) plus
     ``event_name``. The job runs inside the writer's transaction, and a job that raises
     is rolled back alone, so a clash raised after the DELETE puts the event back.
     """
-    if not conn.execute(_Q["run_is_held"], params):
+    if not conn.execute(_Q["may_consume"], params):
+        # Not held, or a final row already stands for the checkpoint: either way the
+        # caller must stop, and nothing was read from the buffer or written.
         return ConsumeResult(held=False)
     rows = conn.execute(_Q["take_event"], params)
     if not rows:
@@ -162,7 +177,8 @@ def consume_event(conn: Connection, params: dict[str, Any]) -> ConsumeResult:
     # the one delivered. A new dict, not an update of params: a batch may be re-run.
     conn.execute(_Q["save_step_result"], {**params, "output": payload})
     if conn.changes() == 0:
-        # The lease was checked above in this transaction, so only an id clash is left.
+        # The lease and the row's status were checked above in this transaction, so
+        # only an id clash is left.
         raise StorageError(
             "consume_event", _step_id_clash(conn, params) or "checkpoint was not written"
         )
@@ -175,7 +191,8 @@ def upsert_schedule(conn: Connection, params: dict[str, Any]) -> Schedule:
 
 
 def claim_due_schedule(conn: Connection, workflow_names: str, now: int) -> ClaimedSchedule | None:
-    """Claim the earliest due schedule and advance it, in the writer's transaction."""
+    """Claim the earliest due schedule by the store's ``now`` and advance it, in the
+    writer's transaction."""
     rows = conn.execute(_Q["next_due_schedule"], {"workflow_names": workflow_names, "now": now})
     if not rows:
         return None

@@ -6,12 +6,21 @@
 -- Tables (created by schema.sql; changed only by numbered files in migrations/):
 --
 --   reflow_runs       one row per run. Values (input, output) are codec JSON text; error
---                     is msgspec JSON of ErrorInfo. lease_id is set only while running;
---                     wake_at only while sleeping or waiting; waiting_for only while
---                     waiting. Times are integer milliseconds since the Unix epoch.
---   reflow_steps      one row per (run, step name), upserted by id; FK to reflow_runs.
+--                     is msgspec JSON of ErrorInfo, holder msgspec JSON of LeaseHolder.
+--                     The lease fields (lease_id, claimed_at, lease_ms, lease_expires_at,
+--                     holder) are set by a claim and only while running: every write
+--                     that moves a run out of running clears them (heartbeat_at keeps
+--                     its last value). wake_at only while sleeping or waiting;
+--                     waiting_for only while waiting. recoveries counts takeovers of
+--                     expired leases. Times are integer milliseconds since the Unix epoch,
+--                     all read from the adapter's clock (the store's "now", bound as :now).
+--   reflow_steps      one row per (run, step name), upserted by id; FK to reflow_runs. A
+--                     row whose status is final (completed, completed-early, skipped) is
+--                     never written again (save_step_result, consume_event).
 --   reflow_events     buffered events, consumed oldest first by (delivered_at, seq);
 --                     FK to reflow_runs.
+--   reflow_event_keys every delivery key a run has received (buffered or consumed since),
+--                     so a repeated key stores nothing; FK to reflow_runs, cascading.
 --   reflow_schedules  one row per schedule key; recurrence is msgspec JSON of Recurrence,
 --                     compared as text to decide whether next_run_at is kept.
 --   reflow_schema_version  one row per applied migration (the highest is the version).
@@ -40,33 +49,42 @@ VALUES (:version, :name, :applied_at)
 -- A reused idempotency key inserts nothing (0 changes); the caller then reads the
 -- existing run. A reused run id is a constraint error on purpose.
 INSERT INTO reflow_runs (id, workflow, input, status, idempotency_key, output, error,
-                         wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at)
+                         wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at,
+                         recoveries, claimed_at, lease_ms, lease_expires_at, holder)
 VALUES (:id, :workflow, :input, :status, :idempotency_key, :output, :error,
-        :wake_at, :waiting_for, :heartbeat_at, :attempt, :created_at, :updated_at)
+        :wake_at, :waiting_for, :heartbeat_at, :attempt, :created_at, :updated_at,
+        :recoveries, :claimed_at, :lease_ms, :lease_expires_at, :holder)
 ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 
 -- name: get_run_by_idempotency_key
 SELECT id, workflow, input, status, idempotency_key, output, error,
-       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at,
+       recoveries, claimed_at, lease_ms, lease_expires_at, holder
 FROM reflow_runs
 WHERE workflow = :workflow AND idempotency_key = :idempotency_key
 
 -- name: get_run
 SELECT id, workflow, input, status, idempotency_key, output, error,
-       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at,
+       recoveries, claimed_at, lease_ms, lease_expires_at, holder
 FROM reflow_runs
 WHERE id = :run_id
 
 -- name: claim_next_run
 -- The oldest of three candidates, each found through its own index: the oldest pending
--- run and the oldest stale running run (reflow_runs_status, in (created_at, id) order;
--- running rows are few), and the oldest sleeping or waiting run whose wake time has
--- passed (reflow_runs_wake: only suspended runs have a wake_at). INDEXED BY pins those
--- plans: without statistics, some SQLite versions otherwise scan every run. Runs inside
--- BEGIN IMMEDIATE, so no other writer interleaves.
+-- run (reflow_runs_status, in (created_at, id) order), the oldest running run whose
+-- lease has expired by the store's clock (reflow_runs_lease: only running runs have a
+-- lease_expires_at, so the range holds just the expired leases, usually none, however
+-- many runs are running; those few are sorted), and the oldest sleeping or waiting run
+-- whose wake time has passed (reflow_runs_wake: only suspended runs have a wake_at).
+-- INDEXED BY pins those plans: without statistics, some SQLite versions otherwise scan
+-- every run. SET expressions read the old row, so "status = 'running'" there is 1 for a
+-- takeover of an expired lease. Runs inside BEGIN IMMEDIATE, so no writer interleaves.
 UPDATE reflow_runs
-SET status = 'running', lease_id = :lease_id, heartbeat_at = :now, wake_at = NULL,
-    waiting_for = NULL, attempt = attempt + 1, updated_at = :now
+SET status = 'running', lease_id = :lease_id, claimed_at = :now, heartbeat_at = :now,
+    lease_ms = :lease_ms, lease_expires_at = :now + :lease_ms, holder = :holder,
+    wake_at = NULL, waiting_for = NULL, attempt = attempt + 1,
+    recoveries = recoveries + (status = 'running'), updated_at = :now
 WHERE id = (
     SELECT id FROM (
         SELECT * FROM (
@@ -76,8 +94,8 @@ WHERE id = (
             ORDER BY created_at, id LIMIT 1)
         UNION ALL
         SELECT * FROM (
-            SELECT id, created_at FROM reflow_runs INDEXED BY reflow_runs_status
-            WHERE status = 'running' AND heartbeat_at < :stale_before
+            SELECT id, created_at FROM reflow_runs INDEXED BY reflow_runs_lease
+            WHERE lease_expires_at <= :now AND status = 'running'
               AND EXISTS (SELECT 1 FROM json_each(:workflow_names) WHERE value = workflow)
             ORDER BY created_at, id LIMIT 1)
         UNION ALL
@@ -90,15 +108,19 @@ WHERE id = (
     ORDER BY created_at, id LIMIT 1
 )
 RETURNING id, workflow, input, status, idempotency_key, output, error,
-          wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+          wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at,
+          recoveries, claimed_at, lease_ms, lease_expires_at, holder
 
 -- name: heartbeat_run
-UPDATE reflow_runs SET heartbeat_at = :now
+-- Renews by the holder's own stored lease_ms. An expired lease not yet reclaimed still
+-- matches (its lease_id is unchanged), as the contract allows.
+UPDATE reflow_runs SET heartbeat_at = :now, lease_expires_at = :now + lease_ms
 WHERE id = :run_id AND status = 'running' AND lease_id = :lease_id
 
 -- name: sleep_run
 UPDATE reflow_runs
-SET status = 'sleeping', lease_id = NULL, wake_at = :wake_at, waiting_for = NULL,
+SET status = 'sleeping', lease_id = NULL, claimed_at = NULL, lease_ms = NULL,
+    lease_expires_at = NULL, holder = NULL, wake_at = :wake_at, waiting_for = NULL,
     updated_at = :now
 WHERE id = :run_id AND status = 'running' AND lease_id = :lease_id
 
@@ -109,30 +131,42 @@ UPDATE reflow_runs
 SET status = CASE WHEN buffered.found THEN 'pending' ELSE 'waiting' END,
     waiting_for = CASE WHEN buffered.found THEN NULL ELSE :event_name END,
     wake_at = CASE WHEN buffered.found THEN NULL ELSE :wake_at END,
-    lease_id = NULL, updated_at = :now
+    lease_id = NULL, claimed_at = NULL, lease_ms = NULL, lease_expires_at = NULL,
+    holder = NULL, updated_at = :now
 FROM (SELECT EXISTS (SELECT 1 FROM reflow_events
                      WHERE run_id = :run_id AND name = :event_name) AS found) AS buffered
 WHERE id = :run_id AND status = 'running' AND lease_id = :lease_id
 
 -- name: update_run_status
 -- :expected is NULL (no condition) or a JSON array of the statuses allowed to change.
+-- The lease is cleared whatever the new status. Set to running this way, a run has no
+-- holder and nobody can renew it, so its lease_expires_at is :now: already expired, the
+-- next claim takes it over (otherwise no claim could ever find it again).
 UPDATE reflow_runs
-SET status = :status, lease_id = NULL, wake_at = NULL, waiting_for = NULL,
-    updated_at = :now
+SET status = :status, lease_id = NULL, claimed_at = NULL, lease_ms = NULL, holder = NULL,
+    lease_expires_at = CASE WHEN :status = 'running' THEN :now END,
+    wake_at = NULL, waiting_for = NULL, updated_at = :now
 WHERE id = :run_id
   AND (:expected IS NULL OR EXISTS (SELECT 1 FROM json_each(:expected) WHERE value = status))
 
 -- name: update_claimed_run_status
+-- The lease fields are kept only when the run stays running (CASE without ELSE: NULL).
 UPDATE reflow_runs
 SET status = :status, output = :output, error = :error,
-    lease_id = CASE WHEN :status = 'running' THEN lease_id ELSE NULL END,
+    lease_id = CASE WHEN :status = 'running' THEN lease_id END,
+    claimed_at = CASE WHEN :status = 'running' THEN claimed_at END,
+    lease_ms = CASE WHEN :status = 'running' THEN lease_ms END,
+    lease_expires_at = CASE WHEN :status = 'running' THEN lease_expires_at END,
+    holder = CASE WHEN :status = 'running' THEN holder END,
     wake_at = NULL, waiting_for = NULL, updated_at = :now
 WHERE id = :run_id AND status = 'running' AND lease_id = :lease_id
 
 -- name: requeue_run
+-- An operator's resume starts a fresh count of recoveries.
 UPDATE reflow_runs
-SET status = 'pending', output = NULL, error = NULL, lease_id = NULL, wake_at = NULL,
-    waiting_for = NULL, updated_at = :now
+SET status = 'pending', output = NULL, error = NULL, lease_id = NULL, claimed_at = NULL,
+    lease_ms = NULL, lease_expires_at = NULL, holder = NULL, wake_at = NULL,
+    waiting_for = NULL, recoveries = 0, updated_at = :now
 WHERE id = :run_id AND status IN ('failed', 'cancelled')
 
 -- name: delete_failed_steps
@@ -142,37 +176,44 @@ DELETE FROM reflow_steps WHERE run_id = :run_id AND status = 'failed'
 -- Keyset paging: (created_at, id) < (:before, :before_id). A NULL :before_id makes the
 -- id comparison NULL, so only created_at < :before matches, as the contract asks.
 SELECT id, workflow, input, status, idempotency_key, output, error,
-       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at,
+       recoveries, claimed_at, lease_ms, lease_expires_at, holder
 FROM reflow_runs INDEXED BY reflow_runs_newest
 WHERE (created_at, id) < (:before, :before_id)
 ORDER BY created_at DESC, id DESC LIMIT :limit
 
 -- name: list_runs_by_status
 SELECT id, workflow, input, status, idempotency_key, output, error,
-       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at,
+       recoveries, claimed_at, lease_ms, lease_expires_at, holder
 FROM reflow_runs INDEXED BY reflow_runs_status
 WHERE status = :status AND (created_at, id) < (:before, :before_id)
 ORDER BY created_at DESC, id DESC LIMIT :limit
 
 -- name: list_runs_by_workflow
 SELECT id, workflow, input, status, idempotency_key, output, error,
-       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at,
+       recoveries, claimed_at, lease_ms, lease_expires_at, holder
 FROM reflow_runs INDEXED BY reflow_runs_workflow
 WHERE workflow = :workflow AND (created_at, id) < (:before, :before_id)
 ORDER BY created_at DESC, id DESC LIMIT :limit
 
 -- name: list_runs_by_workflow_and_status
 SELECT id, workflow, input, status, idempotency_key, output, error,
-       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at
+       wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at,
+       recoveries, claimed_at, lease_ms, lease_expires_at, holder
 FROM reflow_runs INDEXED BY reflow_runs_workflow
 WHERE workflow = :workflow AND status = :status AND (created_at, id) < (:before, :before_id)
 ORDER BY created_at DESC, id DESC LIMIT :limit
 
 -- name: save_step_result
--- The lease check and the upsert are one statement: with :lease_id NULL the row is
--- written unconditionally. A different id for an existing (run_id, name) violates the
--- unique constraint (the ON CONFLICT target is id only), which is the contract's error.
--- An existing id under a different (run_id, name) changes nothing; ops.py then reports it.
+-- The lease check, the write-once check and the upsert are one statement: with
+-- :lease_id NULL the lease is not checked. A stored row whose status is final
+-- (completed, completed-early, skipped) is never updated: the DO UPDATE's WHERE leaves
+-- it as it is and the statement changes nothing (False), with or without a lease. A
+-- different id for an existing (run_id, name) violates the unique constraint (the ON
+-- CONFLICT target is id only), which is the contract's error. An existing id under a
+-- different (run_id, name) changes nothing; ops.py then reports it.
 INSERT INTO reflow_steps (id, run_id, name, status, output, error, attempts,
                           created_at, updated_at, wake_at)
 SELECT :id, :run_id, :name, :status, :output, :error, :attempts,
@@ -184,6 +225,7 @@ ON CONFLICT (id) DO UPDATE
 SET status = excluded.status, output = excluded.output, error = excluded.error,
     attempts = excluded.attempts, updated_at = excluded.updated_at, wake_at = excluded.wake_at
 WHERE reflow_steps.run_id = excluded.run_id AND reflow_steps.name = excluded.name
+  AND reflow_steps.status NOT IN ('completed', 'completed-early', 'skipped')
 
 -- name: get_step_results
 SELECT id, run_id, name, status, output, error, attempts, created_at, updated_at, wake_at
@@ -192,10 +234,21 @@ WHERE run_id = :run_id
 ORDER BY created_at, id
 
 -- name: insert_event
--- Inserts nothing (0 changes) when the run does not exist.
+-- Inserts nothing (0 changes) when the run does not exist or has ended, or when :key (if
+-- not NULL) was already delivered to it; ops.py tells these apart with event_key_seen.
+-- With :key NULL the key condition is NULL = NULL, never true, so NOT EXISTS holds.
 INSERT INTO reflow_events (run_id, name, payload, delivered_at)
 SELECT :run_id, :event_name, :payload, :now
-WHERE EXISTS (SELECT 1 FROM reflow_runs WHERE id = :run_id)
+WHERE EXISTS (SELECT 1 FROM reflow_runs
+              WHERE id = :run_id AND status NOT IN ('completed', 'failed', 'cancelled'))
+  AND NOT EXISTS (SELECT 1 FROM reflow_event_keys WHERE run_id = :run_id AND key = :key)
+
+-- name: record_event_key
+-- Right after insert_event stored the event, in the same writer job.
+INSERT INTO reflow_event_keys (run_id, key) VALUES (:run_id, :key)
+
+-- name: event_key_seen
+SELECT 1 FROM reflow_event_keys WHERE run_id = :run_id AND key = :key
 
 -- name: wake_waiting_run
 UPDATE reflow_runs
@@ -203,7 +256,7 @@ SET status = 'pending', wake_at = NULL, waiting_for = NULL, updated_at = :now
 WHERE id = :run_id AND status = 'waiting' AND waiting_for = :event_name
 
 -- name: take_event
--- Also the middle statement of consume_event (ops.py): run_is_held, then this, then
+-- Also the middle statement of consume_event (ops.py): may_consume, then this, then
 -- save_step_result with the returned payload as :output, all in one writer job, so the
 -- event is never gone without its checkpoint.
 DELETE FROM reflow_events
@@ -240,6 +293,17 @@ RETURNING key, workflow, input, recurrence, next_run_at, created_at, updated_at
 
 -- name: run_is_held
 SELECT 1 FROM reflow_runs WHERE id = :run_id AND status = 'running' AND lease_id = :lease_id
+
+-- name: may_consume
+-- consume_event's first statement: the lease is held and no final row stands for the
+-- checkpoint (write-once), so the event may be taken and checkpointed. A final row of the
+-- same id under another (run_id, name) is not "this checkpoint": the upsert then reports
+-- the id clash, as save_step_result does.
+SELECT 1 FROM reflow_runs
+WHERE id = :run_id AND status = 'running' AND lease_id = :lease_id
+  AND NOT EXISTS (SELECT 1 FROM reflow_steps
+                  WHERE id = :id AND run_id = :run_id AND name = :name
+                    AND status IN ('completed', 'completed-early', 'skipped'))
 
 -- name: get_step_identity
 SELECT run_id, name FROM reflow_steps WHERE id = :id

@@ -1,9 +1,10 @@
 """Records to query parameters and rows back to records.
 
 Value columns hold :func:`reflow_core.codec.encode` output as TEXT (readable and
-queryable with SQLite's JSON functions); ``ErrorInfo`` and ``Recurrence`` are msgspec
-JSON of the struct. The ``*_params`` functions encode, so they run on the caller's side
-*before* a job is queued: a ``SerializationError`` then leaves storage untouched.
+queryable with SQLite's JSON functions); ``ErrorInfo``, ``Recurrence`` and a run's
+``LeaseHolder`` are msgspec JSON of the struct. The ``*_params`` functions encode, so
+they run on the caller's side *before* a job is queued: a ``SerializationError`` then
+leaves storage untouched.
 Column order here matches the SELECT and RETURNING lists in ``queries.sql``.
 """
 
@@ -17,6 +18,7 @@ from reflow_adapters.sqlite_common.driver import Row
 from reflow_core import codec
 from reflow_core.types import (
     ErrorInfo,
+    LeaseHolder,
     Recurrence,
     RunStatus,
     Schedule,
@@ -27,6 +29,7 @@ from reflow_core.types import (
 
 __all__ = [
     "error_text",
+    "holder_text",
     "recurrence_text",
     "run_from_row",
     "run_params",
@@ -41,6 +44,7 @@ __all__ = [
 _struct_encoder = msgspec.json.Encoder()
 _error_decoder = msgspec.json.Decoder(ErrorInfo)
 _recurrence_decoder = msgspec.json.Decoder(Recurrence)
+_holder_decoder = msgspec.json.Decoder(LeaseHolder)
 
 
 def value_text(value: Any) -> str:
@@ -60,6 +64,15 @@ def error_text(error: ErrorInfo | None) -> str | None:
 
 def _error(text: str | None) -> ErrorInfo | None:
     return None if text is None else _error_decoder.decode(text)
+
+
+def holder_text(holder: LeaseHolder | None) -> str | None:
+    """A lease holder as stored (``None`` stays SQL NULL)."""
+    return None if holder is None else _struct_encoder.encode(holder).decode()
+
+
+def _holder(text: str | None) -> LeaseHolder | None:
+    return None if text is None else _holder_decoder.decode(text)
 
 
 def recurrence_text(recurrence: Recurrence) -> str:
@@ -83,6 +96,11 @@ def run_params(run: WorkflowRun) -> dict[str, Any]:
         "attempt": run.attempt,
         "created_at": run.created_at,
         "updated_at": run.updated_at,
+        "recoveries": run.recoveries,
+        "claimed_at": run.claimed_at,
+        "lease_ms": run.lease_ms,
+        "lease_expires_at": run.lease_expires_at,
+        "holder": holder_text(run.holder),
     }
 
 
@@ -102,6 +120,11 @@ def run_from_row(row: Row) -> WorkflowRun:
         attempt=row[10],
         created_at=row[11],
         updated_at=row[12],
+        recoveries=row[13],
+        claimed_at=row[14],
+        lease_ms=row[15],
+        lease_expires_at=row[16],
+        holder=_holder(row[17]),
     )
 
 

@@ -1,6 +1,8 @@
 -- The current schema, applied as a whole to a new database. It must equal every file
 -- in migrations/ applied in order (tests/adapters/test_sqlite_migrations.py proves it):
--- when adding migrations/NNNN_*.sql, change this file to match.
+-- when adding migrations/NNNN_*.sql, change this file to match. Columns added by
+-- ALTER TABLE ... ADD COLUMN come last in their table (SQLite appends them), written as
+-- in the migration.
 
 CREATE TABLE reflow_runs (
     id              TEXT PRIMARY KEY NOT NULL,
@@ -16,7 +18,12 @@ CREATE TABLE reflow_runs (
     heartbeat_at    INTEGER,
     attempt         INTEGER NOT NULL DEFAULT 0,
     created_at      INTEGER NOT NULL,
-    updated_at      INTEGER NOT NULL
+    updated_at      INTEGER NOT NULL,
+    recoveries      INTEGER NOT NULL DEFAULT 0,
+    claimed_at      INTEGER,
+    lease_ms        INTEGER,
+    lease_expires_at INTEGER,
+    holder          TEXT
 );
 
 CREATE UNIQUE INDEX reflow_runs_idempotency
@@ -25,6 +32,8 @@ CREATE INDEX reflow_runs_newest ON reflow_runs (created_at, id);
 CREATE INDEX reflow_runs_status ON reflow_runs (status, created_at, id);
 CREATE INDEX reflow_runs_workflow ON reflow_runs (workflow, created_at, id);
 CREATE INDEX reflow_runs_wake ON reflow_runs (wake_at) WHERE wake_at IS NOT NULL;
+CREATE INDEX reflow_runs_lease ON reflow_runs (lease_expires_at)
+    WHERE lease_expires_at IS NOT NULL;
 
 CREATE TABLE reflow_steps (
     id         TEXT PRIMARY KEY NOT NULL,
@@ -49,6 +58,12 @@ CREATE TABLE reflow_events (
 );
 
 CREATE INDEX reflow_events_take ON reflow_events (run_id, name, delivered_at, seq);
+
+CREATE TABLE reflow_event_keys (
+    run_id TEXT NOT NULL REFERENCES reflow_runs (id) ON DELETE CASCADE,
+    key    TEXT NOT NULL,
+    PRIMARY KEY (run_id, key)
+) WITHOUT ROWID;
 
 CREATE TABLE reflow_schedules (
     key         TEXT PRIMARY KEY NOT NULL,

@@ -16,6 +16,12 @@ thread and awaits its answer:
   connection would see a different, empty database.
 
 A job's future belongs to the event loop that called the method.
+
+The store's clock (contract 2.0) is the adapter's ``clock``: every process sharing a
+file is on one host, so one wall clock judges leases, wake-ups and due schedules. Each
+method reads it once, on the caller's side, and binds it as ``:now``; a job queued
+behind a batch therefore runs with a "now" a little in the past, which only ever makes
+it see a lease or a wake-up as due later, never sooner.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from reflow_adapters.sqlite_common import migrate, ops
 from reflow_adapters.sqlite_common.driver import Connection, Driver
 from reflow_adapters.sqlite_common.rows import (
     error_text,
+    holder_text,
     run_params,
     schedule_params,
     step_params,
@@ -49,6 +56,7 @@ from reflow_core.types import (
     CreateRunResult,
     ErrorInfo,
     EventRecord,
+    LeaseHolder,
     RunFilter,
     RunStatus,
     Schedule,
@@ -229,6 +237,12 @@ class SQLiteStorageBase:
             operation, functools.partial(ops.changed, query=query, params=params)
         )
 
+    # -- clock ------------------------------------------------------------------
+
+    async def now(self) -> int:
+        """The store's current time in epoch milliseconds: the adapter's clock."""
+        return self._clock()
+
     # -- runs -------------------------------------------------------------------
 
     async def create_run(self, run: WorkflowRun) -> CreateRunResult:
@@ -251,23 +265,34 @@ class SQLiteStorageBase:
         )
 
     async def claim_next_run(
-        self, workflow_names: Collection[str], stale_before: int | None = None
+        self,
+        workflow_names: Collection[str],
+        *,
+        lease_ms: int,
+        holder: LeaseHolder | None = None,
     ) -> ClaimedRun | None:
-        """Claim the oldest claimable run of the named workflows (one BEGIN IMMEDIATE)."""
+        """Claim the oldest claimable run of the named workflows (one BEGIN IMMEDIATE).
+
+        A running run is claimable once its stored ``lease_expires_at`` has passed by
+        this adapter's clock; the claim stores ``lease_ms`` and ``holder`` with it.
+        """
+        if isinstance(lease_ms, bool) or not isinstance(lease_ms, int) or lease_ms < 0:
+            raise ValueError(f"lease_ms must be an int >= 0, got {lease_ms!r}")
         if not workflow_names:
             return None
         params = {
             "workflow_names": _names(workflow_names),
-            "stale_before": stale_before,
             "now": self._clock(),
             "lease_id": str(uuid.uuid4()),
+            "lease_ms": lease_ms,
+            "holder": holder_text(holder),
         }
         return await self._call(
             "claim_next_run", functools.partial(ops.claim_next_run, params=params)
         )
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
-        """Renew a held lease; ``False`` once it is lost."""
+        """Renew a held lease by its stored length; ``False`` once it is lost."""
         return await self._changed(
             "heartbeat_run", "heartbeat_run", run_id=run_id, lease_id=lease_id, now=self._clock()
         )
@@ -332,7 +357,8 @@ class SQLiteStorageBase:
         )
 
     async def requeue_run(self, run_id: str) -> bool:
-        """A failed or cancelled run back to pending, dropping only its failed steps."""
+        """A failed or cancelled run back to pending, dropping only its failed steps;
+        ``recoveries`` back to 0."""
         return await self._call(
             "requeue_run", functools.partial(ops.requeue_run, run_id=run_id, now=self._clock())
         )
@@ -340,7 +366,8 @@ class SQLiteStorageBase:
     # -- steps ------------------------------------------------------------------
 
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
-        """Upsert a step row by id; with a lease, only while the lease is held."""
+        """Upsert a step row by id; with a lease, only while the lease is held. A final
+        row (completed, completed-early, skipped) is never changed: ``False``."""
         params = step_params(result, lease_id)
         return await self._call(
             "save_step_result", functools.partial(ops.save_step_result, params=params)
@@ -354,12 +381,19 @@ class SQLiteStorageBase:
 
     # -- events -----------------------------------------------------------------
 
-    async def deliver_event(self, run_id: str, event_name: str, payload: Any) -> bool:
-        """Buffer an event; wake the run if it waits for that name."""
+    async def deliver_event(
+        self, run_id: str, event_name: str, payload: Any, *, key: str | None = None
+    ) -> bool:
+        """Buffer an event for a run that has not ended; wake it if it waits for that name.
+
+        ``False`` (nothing stored) for a missing, completed, failed or cancelled run. A
+        ``key`` already delivered to the run stores nothing and answers ``True``.
+        """
         params = {
             "run_id": run_id,
             "event_name": event_name,
             "payload": value_text(payload),
+            "key": key,
             "now": self._clock(),
         }
         return await self._call(
@@ -375,7 +409,8 @@ class SQLiteStorageBase:
     async def consume_event(
         self, event_name: str, checkpoint: StepResult, lease_id: str
     ) -> ConsumeResult:
-        """Take the oldest event and checkpoint its payload in one writer job (one commit)."""
+        """Take the oldest event and checkpoint its payload in one writer job (one commit);
+        ``held=False`` if the lease is not held or the checkpoint's row is already final."""
         # The checkpoint's own output is replaced by the payload, so it is never encoded.
         row = msgspec.structs.replace(checkpoint, output=None)
         params = {**step_params(row, lease_id), "event_name": event_name}
@@ -392,16 +427,15 @@ class SQLiteStorageBase:
             "upsert_schedule", functools.partial(ops.upsert_schedule, params=params)
         )
 
-    async def claim_due_schedule(
-        self, workflow_names: Collection[str], now: int
-    ) -> ClaimedSchedule | None:
-        """Claim the earliest due schedule and advance it in the same transaction."""
+    async def claim_due_schedule(self, workflow_names: Collection[str]) -> ClaimedSchedule | None:
+        """Claim the earliest schedule due by the adapter's clock and advance it in the same
+        transaction."""
         if not workflow_names:
             return None
         return await self._call(
             "claim_due_schedule",
             functools.partial(
-                ops.claim_due_schedule, workflow_names=_names(workflow_names), now=now
+                ops.claim_due_schedule, workflow_names=_names(workflow_names), now=self._clock()
             ),
         )
 

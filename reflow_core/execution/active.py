@@ -6,27 +6,79 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from reflow_core.context import CancelSignal
-from reflow_core.errors import ControlFlow
+from reflow_core.errors import ControlFlow, LeaseExpiredError, RunCancelledError
 from reflow_core.lease import LeaseOptions
 from reflow_core.observers import Observers
 from reflow_core.storage import Clock, StorageAdapter
 
-__all__ = ["ActiveRun", "Runtime"]
+__all__ = ["FENCED", "ActiveRun", "Runtime"]
+
+FENCED = "no heartbeat was confirmed within the lease; stopped before it could expire"
+"""Why a run whose lease fence passed was stopped."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class ActiveRun:
-    """A run held by this engine: its lease, its task, and how to stop it."""
+    """A run held by this engine: its lease, its fence, its task, and how to stop it.
+
+    ``deadline`` is on the event loop's monotonic clock: past it the lease is not
+    trusted, whatever storage would say, and the run is aborted by a timer without
+    waiting for any answer from storage (see :mod:`reflow_core.lease`).
+    """
 
     run_id: str
     workflow: str
     lease_id: str
-    last_renewed: int
+    attempt: int
+    """The run's stored claim counter under this lease: a later claim of the same run
+    may take over this execution only if it is exactly one more (nobody in between)."""
+    deadline: float
     task: asyncio.Task[None] | None = None
     abort_reason: ControlFlow | None = None
     signals: set[CancelSignal] = field(default_factory=set)
+    thread: asyncio.Future[Any] | None = None
+    """A ``def`` step's thread while it runs: it cannot be interrupted, so the lease is
+    kept (and heartbeated) until it returns, even when the engine stops."""
+    beat: asyncio.Task[None] | None = None
+    """The heartbeat call in flight, if any (never more than one per run)."""
+    _fence: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        """Start the fence timer (on the running loop) at :attr:`deadline`."""
+        if self._fence is not None:
+            self._fence.cancel()
+        loop = asyncio.get_running_loop()
+        self._fence = loop.call_at(self.deadline, self._fence_expired)
+
+    def renewed(self, sent_at: float, fence_after: float) -> None:
+        """The store confirmed a renewal sent at ``sent_at`` (loop time): move the fence."""
+        deadline = sent_at + fence_after
+        if deadline > self.deadline and self.wants_lease():
+            self.deadline = deadline
+            self.arm()
+
+    def wants_lease(self) -> bool:
+        """Whether the lease is still worth renewing: the run executes, or the engine
+        stopped it while a ``def`` step still runs in its thread (the lease is kept until
+        that returns). Not after the lease was lost or the run cancelled."""
+        return not isinstance(self.abort_reason, (LeaseExpiredError, RunCancelledError))
+
+    def fenced(self) -> bool:
+        """True once the local deadline passed: write nothing more for this run."""
+        return asyncio.get_running_loop().time() >= self.deadline
+
+    def _fence_expired(self) -> None:
+        self._fence = None
+        self.abort(LeaseExpiredError(self.run_id, FENCED))
+
+    def disarm(self) -> None:
+        """Stop the fence timer (the run's execution has ended)."""
+        if self._fence is not None:
+            self._fence.cancel()
+            self._fence = None
 
     def abort(self, reason: ControlFlow) -> None:
         """Stop executing the run for ``reason``: signal steps and cancel the run's task.
@@ -42,6 +94,19 @@ class ActiveRun:
         if self.task is not None and not self.task.done():
             self.task.cancel()
 
+    async def settled(self) -> None:
+        """Wait until this execution's task has ended and no step of it runs in a thread."""
+        task = self.task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            await asyncio.wait([task])
+        await self.thread_settled()
+
+    async def thread_settled(self) -> None:
+        """Wait until no ``def`` step of this run is running in a thread."""
+        thread = self.thread
+        if thread is not None and not thread.done():
+            await asyncio.wait([thread])
+
 
 @dataclass(slots=True)
 class Runtime:
@@ -53,6 +118,6 @@ class Runtime:
     threads: ThreadPoolExecutor
     lease: LeaseOptions
     note_wake: Callable[[int], None]
-    """Tell the dispatcher a run of this engine becomes claimable at this time (ms)."""
+    """Tell the dispatcher a run of this engine becomes claimable in this many ms."""
     run_finished: Callable[[str], None]
     """Tell waiters that a run reached a terminal status or suspended."""

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from reflow_core.context import CancelSignal, EarlyCompletion, StepContext
-from reflow_core.errors import ControlFlow, StepTimeoutError
+from reflow_core.errors import ControlFlow, StepInterruptedError, StepTimeoutError
 from reflow_core.workflow import StepUnit
 
 if TYPE_CHECKING:
     from reflow_core.execution.run import RunExecution
 
-__all__ = ["AttemptResult", "run_attempts"]
+__all__ = ["AttemptResult", "engine_cancelled", "run_attempts"]
 
 
 @dataclass(slots=True)
@@ -31,10 +31,43 @@ async def _invoke(ex: RunExecution, unit: StepUnit, ctx: StepContext[Any]) -> An
     if unit.is_async:
         return await unit.fn(ctx)
     loop = asyncio.get_running_loop()
-    result = await loop.run_in_executor(ex.runtime.threads, unit.fn, ctx)
+    thread = loop.run_in_executor(ex.runtime.threads, _in_thread, unit.fn, ctx)
+    ex.active.thread = thread
+    # Shielded: cancelling the run must not pretend the thread stopped. The execution
+    # stops waiting for it (its result is discarded), but whoever must not overlap with
+    # it (a stop releasing the lease, a new execution of the same run) waits on
+    # ``active.thread`` until it really returns.
+    result = await asyncio.shield(thread)
+    if isinstance(result, _Raised):
+        raise StepInterruptedError(unit.name, result.error) from result.error
     if inspect.isawaitable(result):  # a plain def that returned a coroutine
         return await result
     return result
+
+
+@dataclass(slots=True)
+class _Raised:
+    error: BaseException
+
+
+def _in_thread(fn: Any, ctx: StepContext[Any]) -> Any:
+    """Call a ``def`` step, bringing back a non-``Exception`` it raised as a value: a
+    ``SystemExit`` or ``GeneratorExit`` must not travel through the loop's futures."""
+    try:
+        return fn(ctx)
+    except Exception:
+        raise
+    except EarlyCompletion:
+        raise
+    except BaseException as error:
+        return _Raised(error)
+
+
+def engine_cancelled(ex: RunExecution) -> bool:
+    """Whether a CancelledError is the engine's own (abort, stop, timeout) rather than
+    one the step's code raised or leaked (awaiting a task something else cancelled)."""
+    task = asyncio.current_task()
+    return ex.active.abort_reason is not None or (task is not None and task.cancelling() > 0)
 
 
 async def _attempt(
@@ -83,6 +116,18 @@ async def run_attempts(
             return AttemptResult(attempts=attempt, value=done.value, early=True)
         except ControlFlow:
             raise
+        except asyncio.CancelledError as cancelled:
+            if engine_cancelled(ex):
+                raise
+            return AttemptResult(attempts=attempt, error=_interrupted(unit, cancelled))
+        except StepInterruptedError as interrupted:
+            if ex.active.abort_reason is not None:
+                raise ex.active.abort_reason from interrupted
+            return AttemptResult(attempts=attempt, error=interrupted)  # never retried
+        except (SystemExit, KeyboardInterrupt, GeneratorExit) as fatal:
+            if ex.active.abort_reason is not None:
+                raise ex.active.abort_reason from fatal
+            return AttemptResult(attempts=attempt, error=_interrupted(unit, fatal))
         except Exception as error:
             if ex.active.abort_reason is not None:
                 raise ex.active.abort_reason from error
@@ -93,3 +138,9 @@ async def run_attempts(
                 await asyncio.sleep(decision.delay)
         else:
             return AttemptResult(attempts=attempt, value=value)
+
+
+def _interrupted(unit: StepUnit, error: BaseException) -> StepInterruptedError:
+    wrapped = StepInterruptedError(unit.name, error)
+    wrapped.__cause__ = error
+    return wrapped

@@ -29,7 +29,7 @@ from reflow_core.errors import (
     RunCancelledError,
 )
 from reflow_core.events import RunCompleted, RunFailed, RunStarted
-from reflow_core.execution.active import ActiveRun, Runtime
+from reflow_core.execution.active import FENCED, ActiveRun, Runtime
 from reflow_core.types import ClaimedRun, ErrorInfo, RunStatus, StepResult, StepStatus
 from reflow_core.workflow import FailureContext, Workflow
 
@@ -161,10 +161,21 @@ class RunExecution:
         row = self.step_row(
             name, status, output=output, error=error, attempts=attempts, wake_at=wake_at
         )
+        self.guard()
         if not await self.storage.save_step_result(row, self.lease_id):
-            raise LeaseExpiredError(self.run.id)
+            raise LeaseExpiredError(
+                self.run.id,
+                f"the store refused the checkpoint of {name!r} (the lease is no longer held, "
+                "or another execution already wrote that checkpoint)",
+            )
         self.rows[name] = row
         return row
+
+    def guard(self) -> None:
+        """Raise :class:`LeaseExpiredError` if the lease fence has passed: no write may be
+        sent once this worker cannot be sure it still holds the run."""
+        if self.active.fenced():
+            raise LeaseExpiredError(self.run.id, FENCED)
 
     def step_row(
         self,
@@ -240,6 +251,7 @@ class RunExecution:
 
     async def complete(self, output: Any) -> None:
         """Store the run's output and mark it completed."""
+        self.guard()
         stored = await self.storage.update_claimed_run_status(
             self.run.id, self.lease_id, RunStatus.COMPLETED, output=output
         )
@@ -270,6 +282,7 @@ class RunExecution:
                 raise
             except Exception as exc:
                 await self.runtime.observers.error(HookError("on_failure handler", exc))
+        self.guard()
         stored = await self.storage.update_claimed_run_status(
             self.run.id, self.lease_id, RunStatus.FAILED, error=error
         )
@@ -282,8 +295,17 @@ class RunExecution:
             )
 
     async def _stopped(self, reason: ControlFlow) -> None:
-        """A control-flow stop: write nothing, except releasing the lease on engine stop."""
+        """A control-flow stop: write nothing, except releasing the lease on engine stop.
+
+        A ``def`` step still in its thread cannot be interrupted: the lease is kept (the
+        dispatcher goes on heartbeating it) until the thread returns, and only then
+        released, so no other worker starts the same step while it still runs here.
+        """
         if isinstance(reason, EngineStoppedError):
+            await self.active.thread_settled()
+            if self.active.fenced():
+                log.warning("run %s: lease fence passed while stopping; not released", self.run.id)
+                return
             try:
                 await self.storage.update_claimed_run_status(
                     self.run.id, self.lease_id, RunStatus.PENDING
@@ -291,7 +313,7 @@ class RunExecution:
             except Exception as exc:
                 await self.runtime.observers.error(exc)
         elif isinstance(reason, LeaseExpiredError):
-            # Nothing to write: the run belongs to another worker now. Say so, or an
+            # Nothing to write: the run is not ours to write any more. Say so, or an
             # operator cannot tell why this worker dropped it.
             log.warning("%s; stopped executing it without writing", reason)
         elif isinstance(reason, RunCancelledError):

@@ -24,12 +24,14 @@ def _wake_time(unit: SleepUnit, now: int) -> int:
     return now + unit.duration_ms
 
 
-async def suspend_until(ex: RunExecution, wake_at: int) -> Outcome:
-    """Put the held run to sleep until ``wake_at`` and arrange for this engine to wake then."""
+async def suspend_until(ex: RunExecution, wake_at: int, now: int) -> Outcome:
+    """Put the held run to sleep until ``wake_at`` (the store's clock, which read ``now``
+    a moment ago) and arrange for this engine to wake then."""
+    ex.guard()
     if not await ex.storage.sleep_run(ex.run.id, ex.lease_id, wake_at):
-        raise LeaseExpiredError(ex.run.id)
+        raise LeaseExpiredError(ex.run.id, "the store refused to put it to sleep")
     # Without this the run would be noticed at the next poll, up to poll_interval late.
-    ex.runtime.note_wake(wake_at)
+    ex.runtime.note_wake(wake_at - now)
     return Outcome.SUSPEND
 
 
@@ -41,7 +43,8 @@ async def run_sleep(ex: RunExecution, unit: SleepUnit) -> Outcome:
         return Outcome.PASS
     observers = ex.runtime.observers
     run = ex.run
-    now = ex.runtime.clock()
+    # The store's clock, not ours: it is the one that will decide when the run is due.
+    now = await ex.storage.now()
     stored = row.wake_at if row is not None and row.status is StepStatus.SLEEPING else None
     resuming = stored is not None
     if stored is not None:
@@ -62,4 +65,4 @@ async def run_sleep(ex: RunExecution, unit: SleepUnit) -> Outcome:
     if not resuming:
         # The row first: if we crash before sleep_run, the next claim finds the wake time.
         await ex.save(unit.name, StepStatus.SLEEPING, wake_at=wake_at)
-    return await suspend_until(ex, wake_at)
+    return await suspend_until(ex, wake_at, now)

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 
 from reflow_core import codec
-from reflow_core.context import CancelSignal
-from reflow_core.errors import ControlFlow, SerializationError
+from reflow_core.context import CancelSignal, EarlyCompletion
+from reflow_core.errors import (
+    ConfigError,
+    ControlFlow,
+    SerializationError,
+    StepInterruptedError,
+)
 from reflow_core.events import StepCompleted, StepSkipped, StepStarted
-from reflow_core.execution.attempts import run_attempts
+from reflow_core.execution.attempts import engine_cancelled, run_attempts
 from reflow_core.execution.run import Outcome, RunExecution, describe_error, executor
 from reflow_core.types import StepStatus
 from reflow_core.workflow import StepUnit
@@ -39,17 +45,31 @@ def replay(ex: RunExecution, unit: StepUnit) -> Outcome | None:
 
 async def _decide(ex: RunExecution, unit: StepUnit) -> bool:
     assert unit.when is not None
-    result = unit.when(ex.context(unit.name, 0, CancelSignal()))
-    if inspect.isawaitable(result):
-        result = await result
-    return bool(result)
+    try:
+        result = unit.when(ex.context(unit.name, 0, CancelSignal()))
+        if inspect.isawaitable(result):
+            result = await result
+        return bool(result)
+    except EarlyCompletion:
+        raise ConfigError(
+            f"ctx.complete() is not allowed in the when= predicate of step {unit.name!r}: a "
+            "predicate decides whether the step runs; complete early from a step instead"
+        ) from None
+    except asyncio.CancelledError as cancelled:
+        if engine_cancelled(ex):
+            raise
+        raise StepInterruptedError(unit.name, cancelled) from cancelled
+    except (SystemExit, KeyboardInterrupt, GeneratorExit) as fatal:
+        raise StepInterruptedError(unit.name, fatal) from fatal
 
 
 async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = True) -> Outcome:
     """Execute ``unit`` (no checkpoint yet) and checkpoint its result."""
     observers = ex.runtime.observers
     run = ex.run
-    if unit.when is not None:
+    # Any row of this step (an attempt in progress, a retry scheduled) means the predicate
+    # already said "run": it is asked once per run, never again after a reclaim.
+    if unit.when is not None and unit.name not in ex.rows:
         try:
             runs = await _decide(ex, unit)
         except ControlFlow:
@@ -64,6 +84,8 @@ async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = Tr
                     StepSkipped(run_id=run.id, workflow=run.workflow, step=unit.name)
                 )
             return Outcome.PASS
+        # Stored both ways, before the step runs.
+        await ex.save(unit.name, StepStatus.RUNNING)
     if announce and observers.listening:
         await observers.emit(StepStarted(run_id=run.id, workflow=run.workflow, step=unit.name))
     result = await run_attempts(ex, unit)

@@ -72,6 +72,7 @@ async def _consume(ex: RunExecution, unit: WaitUnit) -> Outcome | None:
     in which case nothing was consumed and the event waits for the run's next owner.
     """
     checkpoint = ex.step_row(unit.name, StepStatus.COMPLETED)
+    ex.guard()
     result = await ex.storage.consume_event(unit.name, checkpoint, ex.lease_id)
     if not result.held:
         raise LeaseExpiredError(ex.run.id)
@@ -133,7 +134,7 @@ async def run_wait(ex: RunExecution, unit: WaitUnit) -> Outcome:
     consumed = await _consume(ex, unit)
     if consumed is not None:
         return consumed
-    now = ex.runtime.clock()
+    now = await ex.storage.now()  # the clock that will decide when the deadline passed
     if resuming:
         assert row is not None
         deadline = row.wake_at
@@ -143,8 +144,9 @@ async def run_wait(ex: RunExecution, unit: WaitUnit) -> Outcome:
         return await _timed_out(ex, unit)
     if not resuming:
         await ex.save(unit.name, StepStatus.WAITING, wake_at=deadline)
+    ex.guard()
     if not await ex.storage.wait_run(ex.run.id, ex.lease_id, unit.name, deadline):
-        raise LeaseExpiredError(ex.run.id)
+        raise LeaseExpiredError(ex.run.id, "the store refused to suspend it")
     if deadline is not None:
-        ex.runtime.note_wake(deadline)
+        ex.runtime.note_wake(deadline - now)
     return Outcome.SUSPEND

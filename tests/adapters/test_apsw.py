@@ -18,6 +18,7 @@ from reflow_adapters.sqlite import plugin as sqlite_plugin
 from reflow_core import (
     Capability,
     ConfigError,
+    LeaseHolder,
     RunStatus,
     StepResult,
     StepStatus,
@@ -41,9 +42,11 @@ def test_plugin_declares_its_adapter(plugin: object, name: str, tmp_path: Path) 
     assert (spec.name, spec.schemes) == (name, (name,))
     assert spec.capabilities == {Capability.DURABLE, Capability.CROSS_PROCESS, Capability.THREADS}
     assert spec.conformance_factory is not None
-    storage = spec.conformance_factory(tmp_path, {})
+    storage = spec.conformance_factory(tmp_path, {}, clock=lambda: 1234)
     assert storage.url is not None and storage.url.endswith("conformance.db")
     assert not (tmp_path / "conformance.db").exists()  # built without I/O
+    assert asyncio.run(storage.now()) == 1234  # the kit's clock is the store's "now"
+    assert not (tmp_path / "conformance.db").exists()
 
 
 def test_missing_apsw_is_a_config_error_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,9 +72,11 @@ def test_both_drivers_share_one_file(tmp_path: Path) -> None:
         await stdlib.initialize()
         await apsw.initialize()
         await stdlib.create_run(run)
-        claimed = await apsw.claim_next_run(["wf"])
+        holder = LeaseHolder(worker="w", host="h", pid=7)
+        claimed = await apsw.claim_next_run(["wf"], lease_ms=60_000, holder=holder)
         assert claimed is not None and claimed.run.id == "r"
-        assert await stdlib.claim_next_run(["wf"]) is None
+        assert await stdlib.claim_next_run(["wf"], lease_ms=60_000) is None
+        assert await stdlib.get_run("r") == claimed.run
         step = StepResult(
             id="s", run_id="r", name="a", status=StepStatus.COMPLETED, created_at=2, updated_at=2
         )

@@ -1,5 +1,6 @@
 """What the SQLite adapters add beyond the conformance kit: group commit, processes,
-durability, driver-error translation, pragmas and query plans.
+durability, driver-error translation, pragmas and query plans; and contract 2.0 on a
+real file (leases judged by the store's clock, write-once checkpoints, event delivery).
 
 Both adapters share ``reflow_adapters.sqlite_common``, so most tests run against both;
 ``test_apsw.py`` holds what is specific to APSW. The full contract is the conformance
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import re
 import sqlite3
 import threading
 from collections.abc import Coroutine
@@ -26,6 +28,9 @@ from reflow_adapters.sqlite_common import SQLiteStorageBase, sql, worker
 from reflow_adapters.sqlite_common.driver import Connection
 from reflow_core import (
     ConfigError,
+    ConsumeResult,
+    ErrorInfo,
+    LeaseHolder,
     Recurrence,
     RunFilter,
     RunStatus,
@@ -37,6 +42,7 @@ from reflow_core import (
     WorkflowRun,
     open_storage,
 )
+from reflow_core.schedule import next_fire_time
 
 T = TypeVar("T")
 ADAPTERS = [pytest.param(SQLiteStorage, id="sqlite"), pytest.param(APSWStorage, id="apsw")]
@@ -233,7 +239,7 @@ def _claim_all(
         await storage.initialize()
         claimed: list[str] = []
         await asyncio.to_thread(barrier.wait)
-        while (got := await storage.claim_next_run(["wf"])) is not None:
+        while (got := await storage.claim_next_run(["wf"], lease_ms=60_000)) is not None:
             claimed.append(got.run.id)
         await storage.close()
         return claimed
@@ -293,7 +299,9 @@ def test_state_survives_close_and_reopen(cls: type[SQLiteStorageBase], tmp_path:
         storage = cls(tmp_path / "d.db")
         await storage.initialize()
         await storage.create_run(make_run("r", idempotency_key="k"))
-        claimed = await storage.claim_next_run(["wf"])
+        claimed = await storage.claim_next_run(
+            ["wf"], lease_ms=60_000, holder=LeaseHolder(worker="w", host="h", pid=1)
+        )
         assert claimed is not None
         await storage.save_step_result(make_step("r", "a"), claimed.lease_id)
         await storage.deliver_event("r", "go", {"p": [1]})
@@ -316,6 +324,7 @@ def test_state_survives_close_and_reopen(cls: type[SQLiteStorageBase], tmp_path:
     claimed_run = run(write())
     stored_run, steps, event, schedules = run(read())
     assert stored_run == claimed_run
+    assert stored_run.holder == LeaseHolder(worker="w", host="h", pid=1)
     assert steps == [make_step("r", "a")]
     assert event is not None and event.payload == {"p": [1]}
     assert schedules == [schedule]
@@ -444,9 +453,13 @@ def test_hot_queries_are_served_by_indexes(cls: type[SQLiteStorageBase]) -> None
         migrate.migrate(conn, now=0)
         params = {
             "workflow_names": '["wf"]',
-            "stale_before": 1,
             "now": 1,
             "lease_id": "l",
+            "lease_ms": 1000,
+            "holder": None,
+            "key": "k",
+            "id": "s",
+            "name": "n",
             "status": "pending",
             "workflow": "wf",
             "before": 5,
@@ -456,14 +469,508 @@ def test_hot_queries_are_served_by_indexes(cls: type[SQLiteStorageBase]) -> None
             "event_name": "e",
         }
         queries = sql.queries()
-        for name in ["claim_next_run", "take_event", "next_due_schedule"] + [
-            n for n in queries if n.startswith("list_runs")
-        ]:
-            plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + queries[name], params)]
+        hot = ["claim_next_run", "take_event", "next_due_schedule", "heartbeat_run"]
+        hot += ["insert_event", "event_key_seen", "may_consume", "save_step_result"]
+        for name in hot + [n for n in queries if n.startswith("list_runs")]:
+            # Parameters the base set does not name (values to write) are bound as NULL.
+            bound = {**dict.fromkeys(re.findall(r":(\w+)", queries[name])), **params}
+            plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + queries[name], bound)]
             scans = [step for step in plan if step.startswith("SCAN reflow_")]
             assert not scans, f"{name} scans a table: {plan}"
             # The claim sorts only its three candidates (and the due sleepers).
             sorts = any("TEMP B-TREE" in step for step in plan)
             assert not sorts or name == "claim_next_run", f"{name} sorts: {plan}"
+            if name == "claim_next_run":
+                # Expired leases are found by range on their expiry, not by walking
+                # every running run.
+                assert any("reflow_runs_lease (lease_expires_at<?)" in p for p in plan), plan
     finally:
         conn.close()
+
+
+# -- contract 2.0 on a real file ---------------------------------------------------------
+
+
+class ManualClock:
+    """The store's clock, moved by hand: nothing here sleeps."""
+
+    def __init__(self, now: int = 1_000_000) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+HOLDER_A = LeaseHolder(worker="engine-a", host="host-a", pid=101)
+HOLDER_B = LeaseHolder(worker="engine-b", host="host-b", pid=202)
+LEASE_FIELDS = ("claimed_at", "lease_ms", "lease_expires_at", "holder")
+
+
+async def _open(cls: type[SQLiteStorageBase], path: Path, clock: ManualClock) -> SQLiteStorageBase:
+    storage = cls(path, clock=clock)
+    await storage.initialize()
+    return storage
+
+
+async def _stored(storage: SQLiteStorageBase, run_id: str) -> WorkflowRun:
+    stored = await storage.get_run(run_id)
+    assert stored is not None
+    return stored
+
+
+async def _buffered(storage: SQLiteStorageBase, run_id: str) -> list[Any]:
+    """Payloads buffered for a run, read straight from the table (oldest first)."""
+
+    def read(conn: Connection) -> list[Any]:
+        rows = conn.execute(
+            "SELECT payload FROM reflow_events WHERE run_id = :run_id ORDER BY seq",
+            {"run_id": run_id},
+        )
+        return [msgspec.json.decode(row[0]) for row in rows]
+
+    return await storage._call("probe", read)
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_store_clock_decides_when_a_lease_expires(
+    cls: type[SQLiteStorageBase], tmp_path: Path
+) -> None:
+    clock = ManualClock(1_000_000)
+
+    async def scenario() -> None:
+        storage = await _open(cls, tmp_path / "c.db", clock)
+        assert await storage.now() == 1_000_000
+        clock.now = 1_000_005
+        assert await storage.now() == 1_000_005
+        await storage.create_run(make_run("r"))
+        first = await storage.claim_next_run(["wf"], lease_ms=100, holder=HOLDER_A)
+        assert first is not None
+        expected = {
+            "status": RunStatus.RUNNING,
+            "claimed_at": 1_000_005,
+            "heartbeat_at": 1_000_005,
+            "lease_ms": 100,
+            "lease_expires_at": 1_000_105,
+            "holder": HOLDER_A,
+            "attempt": 1,
+            "recoveries": 0,
+        }
+        for run_ in (first.run, await _stored(storage, "r")):
+            assert {k: getattr(run_, k) for k in expected} == expected
+        # One millisecond before expiry, by the store's clock, nobody may take it, however
+        # short a lease the claimer itself uses.
+        clock.now = 1_000_104
+        assert await storage.claim_next_run(["wf"], lease_ms=1, holder=HOLDER_B) is None
+        clock.now = 1_000_105  # lease_expires_at <= now: expired
+        second = await storage.claim_next_run(["wf"], lease_ms=5_000, holder=HOLDER_B)
+        assert second is not None and second.run.id == "r"
+        assert second.lease_id != first.lease_id
+        assert (second.run.attempt, second.run.recoveries) == (2, 1)
+        assert (second.run.claimed_at, second.run.lease_expires_at) == (1_000_105, 1_005_105)
+        assert second.run.holder == HOLDER_B
+        assert not await storage.heartbeat_run("r", first.lease_id)  # lost for good
+        assert await storage.heartbeat_run("r", second.lease_id)
+        await storage.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_mixed_lease_lengths_each_expire_by_their_own(
+    cls: type[SQLiteStorageBase], tmp_path: Path
+) -> None:
+    clock = ManualClock(0)
+
+    async def scenario() -> None:
+        storage = await _open(cls, tmp_path / "m.db", clock)
+        await storage.create_run(make_run("long", 1))
+        await storage.create_run(make_run("short", 2))
+        long_claim = await storage.claim_next_run(["wf"], lease_ms=60_000, holder=HOLDER_A)
+        short_claim = await storage.claim_next_run(["wf"], lease_ms=1_000, holder=HOLDER_B)
+        assert long_claim is not None and long_claim.run.id == "long"
+        assert short_claim is not None and short_claim.run.id == "short"
+        clock.now = 1_000
+        # A claimer configured with a 1 s lease takes the expired 1 s lease, but not the
+        # older run whose holder was granted 60 s (under 1.x it would have taken that one).
+        taken = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert taken is not None and taken.run.id == "short"
+        assert await storage.claim_next_run(["wf"], lease_ms=1_000) is None
+        assert await storage.update_claimed_run_status("short", taken.lease_id, RunStatus.COMPLETED)
+        clock.now = 59_999
+        assert await storage.heartbeat_run("long", long_claim.lease_id)
+        assert (await _stored(storage, "long")).lease_expires_at == 119_999
+        clock.now = 119_998
+        assert await storage.claim_next_run(["wf"], lease_ms=1) is None
+        clock.now = 119_999
+        late = await storage.claim_next_run(["wf"], lease_ms=1)
+        assert late is not None and late.run.id == "long" and late.run.recoveries == 1
+        await storage.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_heartbeat_extends_by_the_stored_lease_length(
+    cls: type[SQLiteStorageBase], tmp_path: Path
+) -> None:
+    clock = ManualClock(10_000)
+
+    async def scenario() -> None:
+        storage = await _open(cls, tmp_path / "h.db", clock)
+        await storage.create_run(make_run("r", 5))
+        claimed = await storage.claim_next_run(["wf"], lease_ms=1_000, holder=HOLDER_A)
+        assert claimed is not None
+        updated_at = claimed.run.updated_at
+        clock.now = 10_900
+        assert await storage.heartbeat_run("r", claimed.lease_id)
+        stored = await _stored(storage, "r")
+        assert (stored.heartbeat_at, stored.lease_expires_at) == (10_900, 11_900)
+        assert (stored.claimed_at, stored.lease_ms, stored.holder) == (10_000, 1_000, HOLDER_A)
+        assert stored.updated_at == updated_at
+        clock.now = 11_500  # past the first expiry (11_000), before the renewed one
+        assert await storage.claim_next_run(["wf"], lease_ms=60_000) is None
+        clock.now = 12_000  # expired, but not reclaimed yet: renewing is allowed
+        assert await storage.heartbeat_run("r", claimed.lease_id)
+        assert (await _stored(storage, "r")).lease_expires_at == 13_000
+        clock.now = 13_000
+        retaken = await storage.claim_next_run(["wf"], lease_ms=60_000)
+        assert retaken is not None and retaken.run.recoveries == 1
+        await storage.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_recoveries_count_only_takeovers_and_requeue_resets_them(
+    cls: type[SQLiteStorageBase], tmp_path: Path
+) -> None:
+    clock = ManualClock(0)
+
+    async def scenario() -> None:
+        storage = await _open(cls, tmp_path / "r.db", clock)
+        await storage.create_run(make_run("r"))
+        seen: list[tuple[int, int]] = []
+        for _ in range(3):  # a first claim, then two takeovers of expired leases
+            claimed = await storage.claim_next_run(["wf"], lease_ms=10)
+            assert claimed is not None
+            seen.append((claimed.run.attempt, claimed.run.recoveries))
+            clock.now += 10
+        assert seen == [(1, 0), (2, 1), (3, 2)]
+        # Claims of a pending or woken run are not recoveries.
+        assert await storage.sleep_run("r", claimed.lease_id, wake_at=clock.now + 5)
+        clock.now += 5
+        woken = await storage.claim_next_run(["wf"], lease_ms=10)
+        assert woken is not None and (woken.run.attempt, woken.run.recoveries) == (4, 2)
+        assert await storage.update_claimed_run_status(
+            "r", woken.lease_id, RunStatus.FAILED, error=ErrorInfo(type="E", message="m")
+        )
+        assert (await _stored(storage, "r")).recoveries == 2  # kept until an operator resumes
+        assert await storage.requeue_run("r")
+        stored = await _stored(storage, "r")
+        assert (stored.status, stored.recoveries, stored.attempt) == (RunStatus.PENDING, 0, 4)
+        again = await storage.claim_next_run(["wf"], lease_ms=10)
+        assert again is not None and (again.run.attempt, again.run.recoveries) == (5, 0)
+        await storage.close()
+
+    run(scenario())
+
+
+async def _exit_running(storage: SQLiteStorageBase, how: str, lease_id: str) -> RunStatus:
+    """Move the claimed run "r" out of running one way; the status it should land in."""
+    if how == "sleep":
+        assert await storage.sleep_run("r", lease_id, wake_at=10**12)
+        return RunStatus.SLEEPING
+    if how == "wait":
+        assert await storage.wait_run("r", lease_id, "go", wake_at=None)
+        return RunStatus.WAITING
+    if how == "wait-buffered":
+        assert await storage.deliver_event("r", "go", 1)
+        assert await storage.wait_run("r", lease_id, "go", wake_at=None)
+        return RunStatus.PENDING
+    if how == "cancel":
+        assert await storage.update_run_status("r", RunStatus.CANCELLED)
+        return RunStatus.CANCELLED
+    status = RunStatus(how)
+    assert await storage.update_claimed_run_status("r", lease_id, status, output=1)
+    return status
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+@pytest.mark.parametrize(
+    "how", ["sleep", "wait", "wait-buffered", "cancel", "pending", "completed", "failed"]
+)
+def test_every_exit_from_running_clears_the_lease_fields(
+    cls: type[SQLiteStorageBase], how: str, tmp_path: Path
+) -> None:
+    clock = ManualClock(500)
+
+    async def scenario() -> None:
+        storage = await _open(cls, tmp_path / "x.db", clock)
+        await storage.create_run(make_run("r"))
+        claimed = await storage.claim_next_run(["wf"], lease_ms=1_000, holder=HOLDER_A)
+        assert claimed is not None
+        clock.now = 700
+        assert await storage.heartbeat_run("r", claimed.lease_id)
+        clock.now = 800
+        status = await _exit_running(storage, how, claimed.lease_id)
+        stored = await _stored(storage, "r")
+        assert stored.status == status
+        assert {k: getattr(stored, k) for k in LEASE_FIELDS} == dict.fromkeys(LEASE_FIELDS)
+        assert stored.heartbeat_at == 700  # the last sign of life is kept
+        assert not await storage.heartbeat_run("r", claimed.lease_id)  # lease id gone too
+        await storage.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_staying_running_keeps_the_lease_and_a_leaseless_running_run_is_claimable(
+    cls: type[SQLiteStorageBase], tmp_path: Path
+) -> None:
+    clock = ManualClock(500)
+
+    async def scenario() -> None:
+        storage = await _open(cls, tmp_path / "k.db", clock)
+        await storage.create_run(make_run("r"))
+        claimed = await storage.claim_next_run(["wf"], lease_ms=1_000, holder=HOLDER_A)
+        assert claimed is not None
+        clock.now = 600
+        assert await storage.update_claimed_run_status("r", claimed.lease_id, RunStatus.RUNNING)
+        stored = await _stored(storage, "r")
+        assert (stored.claimed_at, stored.lease_ms, stored.lease_expires_at) == (500, 1_000, 1_500)
+        assert stored.holder == HOLDER_A
+        # Set to running without a lease, nobody holds the run and nobody can renew it:
+        # it must be claimable at once rather than stuck forever.
+        assert await storage.update_run_status("r", RunStatus.RUNNING)
+        stored = await _stored(storage, "r")
+        assert (stored.claimed_at, stored.lease_ms, stored.holder) == (None, None, None)
+        assert not await storage.heartbeat_run("r", claimed.lease_id)
+        taken = await storage.claim_next_run(["wf"], lease_ms=1_000, holder=HOLDER_B)
+        assert taken is not None and taken.run.holder == HOLDER_B
+        await storage.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_holder_is_stored_with_the_claim_and_read_back(
+    cls: type[SQLiteStorageBase], tmp_path: Path
+) -> None:
+    clock = ManualClock(0)
+    path = tmp_path / "holder.db"
+
+    async def scenario() -> None:
+        storage = await _open(cls, path, clock)
+        await storage.create_run(make_run("a", 1))
+        await storage.create_run(make_run("b", 2))
+        with_holder = await storage.claim_next_run(["wf"], lease_ms=50, holder=HOLDER_A)
+        without = await storage.claim_next_run(["wf"], lease_ms=50)
+        assert with_holder is not None and without is not None
+        assert (await _stored(storage, "a")).holder == HOLDER_A
+        assert (await _stored(storage, "b")).holder is None
+        running = await storage.list_runs(RunFilter(status=RunStatus.RUNNING))
+        assert {r.id: r.holder for r in running} == {"a": HOLDER_A, "b": None}
+        await storage.close()
+        # Another handle (and the other driver) reads the same holder from the file.
+        other_cls = APSWStorage if cls is SQLiteStorage else SQLiteStorage
+        other = await _open(other_cls, path, clock)
+        assert (await _stored(other, "a")) == with_holder.run
+        await other.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_claim_rejects_a_bad_lease_length(cls: type[SQLiteStorageBase]) -> None:
+    async def scenario() -> None:
+        storage = cls()
+        await storage.initialize()
+        for bad in (-1, 1.5, True):
+            with pytest.raises(ValueError, match="lease_ms"):
+                await storage.claim_next_run(["wf"], lease_ms=bad)  # type: ignore[arg-type]
+        await storage.close()
+
+    run(scenario())
+
+
+def _step(status: StepStatus, output: Any, run_id: str = "r", name: str = "a") -> StepResult:
+    return StepResult(
+        id=f"{run_id}:{name}",
+        run_id=run_id,
+        name=name,
+        status=status,
+        output=output,
+        created_at=2,
+        updated_at=3,
+    )
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+@pytest.mark.parametrize(
+    "final", [StepStatus.COMPLETED, StepStatus.COMPLETED_EARLY, StepStatus.SKIPPED]
+)
+def test_a_final_step_row_is_written_once(
+    cls: type[SQLiteStorageBase], final: StepStatus, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        storage = await _open(cls, tmp_path / "w.db", ManualClock(0))
+        await storage.create_run(make_run("r"))
+        claimed = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert claimed is not None
+        # Non-final rows may be rewritten, with or without the lease.
+        assert await storage.save_step_result(_step(StepStatus.RUNNING, None), claimed.lease_id)
+        assert await storage.save_step_result(_step(StepStatus.FAILED, "boom"))
+        first = _step(final, {"first": True})
+        assert await storage.save_step_result(first, claimed.lease_id)
+        for status in StepStatus:
+            late = msgspec.structs.replace(_step(status, {"second": True}), updated_at=99)
+            assert not await storage.save_step_result(late, claimed.lease_id), status
+            assert not await storage.save_step_result(late), status
+        assert not await storage.save_step_result(first, "some-other-lease")
+        assert await storage.get_step_results("r") == [first]
+        # An id clash is still an error, final row or not.
+        with pytest.raises(StorageError, match="UNIQUE"):
+            await storage.save_step_result(
+                msgspec.structs.replace(first, id="another-id"), claimed.lease_id
+            )
+        await storage.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_consume_event_refuses_over_a_final_row_and_consumes_nothing(
+    cls: type[SQLiteStorageBase], tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        storage = await _open(cls, tmp_path / "e.db", ManualClock(0))
+        await storage.create_run(make_run("r"))
+        claimed = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert claimed is not None
+        assert await storage.deliver_event("r", "go", {"n": 1})
+        waiting = _step(StepStatus.WAITING, None, name="wait-go")
+        # A waiting row does not stop the consume: the event becomes its checkpoint.
+        assert await storage.save_step_result(waiting, claimed.lease_id)
+        checkpoint = _step(StepStatus.COMPLETED, None, name="wait-go")
+        got = await storage.consume_event("go", checkpoint, claimed.lease_id)
+        assert got.held and got.event is not None and got.event.payload == {"n": 1}
+        stored = await storage.get_step_results("r")
+        assert stored == [msgspec.structs.replace(checkpoint, output={"n": 1})]
+        # The row is final now: a second consume for it is refused and leaves the event.
+        assert await storage.deliver_event("r", "go", {"n": 2})
+        assert await storage.consume_event("go", checkpoint, claimed.lease_id) == ConsumeResult(
+            held=False
+        )
+        assert await _buffered(storage, "r") == [{"n": 2}]
+        assert await storage.get_step_results("r") == stored
+        # A checkpoint with no final row still consumes, with the same lease.
+        other = _step(StepStatus.COMPLETED, None, name="wait-again")
+        got = await storage.consume_event("go", other, claimed.lease_id)
+        assert got.event is not None and got.event.payload == {"n": 2}
+        assert await _buffered(storage, "r") == []
+        await storage.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+@pytest.mark.parametrize("ending", ["completed", "failed", "cancelled"])
+def test_deliver_event_to_an_ended_run_stores_nothing(
+    cls: type[SQLiteStorageBase], ending: str, tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        storage = await _open(cls, tmp_path / "d.db", ManualClock(0))
+        assert not await storage.deliver_event("ghost", "go", 1)
+        await storage.create_run(make_run("r"))
+        claimed = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert claimed is not None
+        assert await storage.update_claimed_run_status("r", claimed.lease_id, RunStatus(ending))
+        assert not await storage.deliver_event("r", "go", 1)
+        assert not await storage.deliver_event("r", "go", 2, key="k")
+        assert await _buffered(storage, "r") == []
+        if ending != "completed":
+            # Once resumed the run can receive again, and the refused key was not spent.
+            assert await storage.requeue_run("r")
+            assert await storage.deliver_event("r", "go", 3, key="k")
+            assert await _buffered(storage, "r") == [3]
+        await storage.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_deliver_event_with_a_repeated_key_delivers_once(
+    cls: type[SQLiteStorageBase], tmp_path: Path
+) -> None:
+    async def scenario() -> None:
+        storage = await _open(cls, tmp_path / "k.db", ManualClock(0))
+        await storage.create_run(make_run("r", 1))
+        await storage.create_run(make_run("s", 2))
+        claimed = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert claimed is not None and claimed.run.id == "r"
+        assert await storage.wait_run("r", claimed.lease_id, "go", wake_at=None)
+        assert await storage.deliver_event("r", "go", "first", key="k1")
+        assert (await _stored(storage, "r")).status == RunStatus.PENDING  # woken
+        assert await storage.deliver_event("r", "go", "retry", key="k1")  # True, not stored
+        assert await _buffered(storage, "r") == ["first"]
+        assert await storage.deliver_event("s", "go", "other run", key="k1")  # keys are per run
+        assert await storage.deliver_event("r", "go", "no key")
+        assert await storage.deliver_event("r", "go", "no key")  # no key: no dedupe
+        assert await _buffered(storage, "r") == ["first", "no key", "no key"]
+        # Consumed since: the key still counts as delivered.
+        again = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert again is not None and again.run.id == "r"
+        event = await storage.consume_event("go", _step(StepStatus.COMPLETED, None), again.lease_id)
+        assert event.event is not None and event.event.payload == "first"
+        assert await storage.deliver_event("r", "go", "late retry", key="k1")
+        assert await _buffered(storage, "r") == ["no key", "no key"]
+        assert await storage.deliver_event("r", "go", "new", key="k2")
+        # A retry after the run ended still answers True: that delivery did land.
+        assert await storage.update_claimed_run_status("r", again.lease_id, RunStatus.COMPLETED)
+        assert await storage.deliver_event("r", "go", "after the end", key="k2")
+        assert not await storage.deliver_event("r", "go", "after the end", key="k3")
+        assert await _buffered(storage, "r") == ["no key", "no key", "new"]
+
+        def delete_run(conn: Connection) -> list[Any]:
+            conn.execute("DELETE FROM reflow_runs WHERE id = 'r'")
+            return conn.execute("SELECT run_id, key FROM reflow_event_keys ORDER BY run_id")
+
+        assert await storage._call("probe", delete_run) == [("s", "k1")]  # cascaded
+        assert not await storage.deliver_event("r", "go", "gone", key="k1")
+        await storage.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_schedules_are_due_by_the_store_clock(cls: type[SQLiteStorageBase], tmp_path: Path) -> None:
+    clock = ManualClock(4_999)
+    recurrence = Recurrence(every_ms=1_000)
+    schedule = Schedule(
+        key="tick",
+        workflow="wf",
+        input=None,
+        recurrence=recurrence,
+        next_run_at=5_000,
+        created_at=1,
+        updated_at=1,
+    )
+
+    async def scenario() -> None:
+        storage = await _open(cls, tmp_path / "s.db", clock)
+        await storage.upsert_schedule(schedule)
+        assert await storage.claim_due_schedule(["wf"]) is None
+        clock.now = 5_000
+        claimed = await storage.claim_due_schedule(["wf"])
+        assert claimed is not None and claimed.slot == 5_000
+        assert claimed.schedule.next_run_at == next_fire_time(recurrence, 5_000, 5_000)
+        assert claimed.schedule.updated_at == 5_000
+        assert await storage.claim_due_schedule(["wf"]) is None
+        clock.now = 8_500  # several occurrences missed: advanced from the store's now
+        late = await storage.claim_due_schedule(["wf"])
+        assert late is not None and late.slot == claimed.schedule.next_run_at
+        assert late.schedule.next_run_at == next_fire_time(recurrence, late.slot, 8_500)
+        assert late.schedule.next_run_at > 8_500
+        await storage.close()
+
+    run(scenario())

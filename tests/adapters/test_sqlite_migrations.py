@@ -163,3 +163,81 @@ def test_a_failing_migration_changes_nothing(
         assert _schema(conn) == before
     finally:
         conn.close()
+
+
+def _version_1_database(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file as Reflow 1.x left it: schema version 1, a run still running under a
+    version-1 lease (lease id and heartbeat only), a pending run, a step and an event."""
+    first = sql.migrations()[:1]
+    with monkeypatch.context() as patch:
+        patch.setattr(sql, "migrations", lambda: first)
+        conn = _connect(path)
+        # Migration 1 itself, not schema.sql (which is the current schema).
+        assert migrate.migrate(conn, now=0, use_schema=False) == 1
+    assert "lease_ms" not in str(conn.execute("PRAGMA table_info(reflow_runs)"))
+    try:
+        columns = "id, workflow, input, status, lease_id, heartbeat_at, attempt, created_at"
+        conn.execute(
+            f"INSERT INTO reflow_runs ({columns}, updated_at) VALUES "
+            "('old', 'wf', '{\"n\":1}', 'running', 'v1-lease', 10000, 1, 1, 9000), "
+            "('new', 'wf', '{\"n\":2}', 'pending', NULL, NULL, 0, 2, 2)"
+        )
+        conn.execute(
+            "INSERT INTO reflow_steps (id, run_id, name, status, output, attempts, "
+            "created_at, updated_at) VALUES ('old:a', 'old', 'a', 'completed', '[1]', 1, 5, 5)"
+        )
+        conn.execute(
+            "INSERT INTO reflow_events (run_id, name, payload, delivered_at) "
+            "VALUES ('old', 'go', '\"hi\"', 6)"
+        )
+    finally:
+        conn.close()
+
+
+def test_a_version_1_database_with_a_running_run_migrates_and_stays_claimable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "v1.db"
+    _version_1_database(path, monkeypatch)
+    now = [39_999]
+
+    async def scenario() -> None:
+        storage = SQLiteStorage(path, clock=lambda: now[0])
+        await storage.initialize()
+        old = await storage.get_run("old")
+        assert old is not None
+        # The 1.x lease becomes a 30 s lease (1.x's default) from its last heartbeat.
+        assert (old.status, old.lease_ms, old.lease_expires_at) == ("running", 30_000, 40_000)
+        assert (old.claimed_at, old.heartbeat_at, old.holder) == (10_000, 10_000, None)
+        assert (old.attempt, old.recoveries, old.input) == (1, 0, {"n": 1})
+        new = await storage.get_run("new")
+        assert new is not None and new.recoveries == 0
+        assert (new.claimed_at, new.lease_ms, new.lease_expires_at, new.holder) == (None,) * 4
+        steps = await storage.get_step_results("old")
+        assert [(s.name, s.output) for s in steps] == [("a", [1])]
+        # Not expired yet: the older running run is left alone, the pending one is taken.
+        first = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert first is not None and first.run.id == "new"
+        assert await storage.claim_next_run(["wf"], lease_ms=1_000) is None
+        now[0] = 40_000
+        taken = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert taken is not None and taken.run.id == "old"
+        assert (taken.run.attempt, taken.run.recoveries) == (2, 1)
+        assert (taken.run.lease_ms, taken.run.lease_expires_at) == (1_000, 41_000)
+        assert not await storage.heartbeat_run("old", "v1-lease")
+        # Written-once steps and keyed delivery work on the migrated file too.
+        assert not await storage.save_step_result(steps[0], taken.lease_id)
+        assert await storage.deliver_event("old", "go", "again", key="k")
+        assert await storage.deliver_event("old", "go", "again", key="k")
+        assert (await storage.take_event("old", "go")) is not None  # the 1.x event
+        assert (await storage.take_event("old", "go")) is not None  # the keyed one, once
+        assert (await storage.take_event("old", "go")) is None
+        await storage.close()
+
+    asyncio.run(scenario())
+    conn = _connect(path)
+    try:
+        rows = conn.execute("SELECT version FROM reflow_schema_version ORDER BY version")
+        assert [v for (v,) in rows] == [m.version for m in sql.migrations()]
+    finally:
+        conn.close()

@@ -147,7 +147,7 @@ def test_replay_never_reruns_completed_steps(storage_factory: Any, clock: FakeCl
         try:
             run_ = await first_engine.enqueue(wf, {"n": 1})
             # A worker claims it, checkpoints step one, then dies without a trace.
-            claimed = await storage.claim_next_run(["pipeline"])
+            claimed = await storage.claim_next_run(["pipeline"], lease_ms=30_000)
             assert claimed is not None
             from reflow_core import StepResult
 
@@ -437,7 +437,7 @@ def test_stop_releases_leases_for_immediate_takeover(storage_factory: Any) -> No
         stored = await storage.get_run(run_.id)
         assert stored is not None and stored.status is RunStatus.PENDING
         # Another worker can claim it now, without waiting an hour for the lease.
-        claimed = await storage.claim_next_run(["long"])
+        claimed = await storage.claim_next_run(["long"], lease_ms=30_000)
         assert claimed is not None and claimed.run.id == run_.id
         await storage.close()
 
@@ -533,8 +533,8 @@ class GatedClaims:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def claim_next_run(self, names: Any, stale_before: int | None = None) -> Any:
-        claimed = await self._inner.claim_next_run(names, stale_before)
+    async def claim_next_run(self, names: Any, **lease: Any) -> Any:
+        claimed = await self._inner.claim_next_run(names, **lease)
         if self.gated and claimed is not None:
             self.entered.set()
             await self.gate.wait()

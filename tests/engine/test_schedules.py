@@ -150,11 +150,11 @@ class _CrashAfterEnqueue:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def claim_due_schedule(self, names: Any, now: int) -> Any:
+    async def claim_due_schedule(self, names: Any) -> Any:
         if not self.failed:
             self.failed = True
             raise StorageError("claim_due_schedule", "connection lost")
-        return await self._inner.claim_due_schedule(names, now)
+        return await self._inner.claim_due_schedule(names)
 
 
 def test_crash_between_enqueue_and_claim_still_yields_exactly_one_run(

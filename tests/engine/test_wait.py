@@ -215,14 +215,16 @@ def test_a_buffered_event_wins_over_a_passed_deadline(
 class _LoseLeaseBeforeConsume:
     """Storage proxy: just before the wait consumes, another worker takes the run over."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, clock: FakeClock) -> None:
         self._inner = inner
+        self._clock = clock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     async def consume_event(self, event_name: str, checkpoint: StepResult, lease_id: str) -> Any:
-        takeover = await self._inner.claim_next_run(["approval"], stale_before=2**62)
+        self._clock.advance(3600)  # by the store's clock, the holder's lease has expired
+        takeover = await self._inner.claim_next_run(["approval"], lease_ms=60_000)
         assert takeover is not None and takeover.lease_id != lease_id
         return await self._inner.consume_event(event_name, checkpoint, lease_id)
 
@@ -234,7 +236,8 @@ def test_an_event_is_not_consumed_under_a_lost_lease(
 
     async def scenario() -> None:
         inner = storage_factory(clock=clock)
-        async with open_engine(lambda clock: _LoseLeaseBeforeConsume(inner), [wf], clock) as engine:
+        proxy = _LoseLeaseBeforeConsume(inner, clock)
+        async with open_engine(lambda clock: proxy, [wf], clock) as engine:
             run_ = await engine.enqueue(wf)
             await engine.send_event(run_.id, "approved", {"n": 1})
             await engine.run_until_idle()  # the consume is refused: LeaseExpiredError

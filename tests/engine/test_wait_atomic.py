@@ -77,7 +77,7 @@ def test_a_reclaimed_run_still_receives_the_event_its_dead_worker_held(
             assert await first.send_event(run_.id, "approved", payload)
             # The doomed worker claims the run (so it holds the only lease) and dies
             # before its executor consumes anything: no heartbeat, no release, no write.
-            doomed = await storage.claim_next_run([wf.name])
+            doomed = await storage.claim_next_run([wf.name], lease_ms=LEASE_S * 1000)
             assert doomed is not None and doomed.run.id == run_.id
             assert await second.run_until_idle() == 0  # the lease is fresh: not stale yet
             clock.advance(LEASE_S + 1)

@@ -73,14 +73,22 @@ def test_invalid_retry_policies_are_refused_at_definition(kwargs: dict[str, obje
 
 def test_lease_arithmetic() -> None:
     lease = LeaseOptions(duration="30s")
-    assert lease.heartbeat_every == 10.0
-    assert lease.stale_before(100_000) == 70_000
-    assert not lease.expired(last_renewed_ms=0, now_ms=29_999)
-    assert lease.expired(last_renewed_ms=0, now_ms=30_000)
+    assert (lease.duration_ms, lease.heartbeat_every) == (30_000, 10.0)
+    # The holder fences itself a tenth of the lease early, at most 5 s early.
+    assert (lease.margin_s, lease.fence_after) == (3.0, 27.0)
+    assert LeaseOptions(duration=600).fence_after == 595.0
+    # A heartbeat interval close to the lease shrinks the default margin, so the first
+    # renewal can always land before the fence.
+    tight = LeaseOptions(duration=1, heartbeat_interval=0.9)
+    assert tight.heartbeat_every < tight.fence_after < tight.duration_s
+    assert LeaseOptions(duration=2, margin=0.5).fence_after == 1.5
     with pytest.raises(ConfigError, match="shorter"):
         LeaseOptions(duration=10, heartbeat_interval=10)
-    with pytest.raises(ConfigError):
-        LeaseOptions(duration=0)
+    with pytest.raises(ConfigError, match="margin"):
+        LeaseOptions(duration=10, margin=7)
+    for bad in (0, 0.001, 8 * 24 * 3600):
+        with pytest.raises(ConfigError):
+            LeaseOptions(duration=bad)
 
 
 @pytest.mark.parametrize(

@@ -9,4 +9,8 @@ from __future__ import annotations
 
 from reflow_example_adapter.storage import ExampleStorage
 
-__all__ = ["ExampleStorage"]
+__all__ = ["CONTRACT_VERSION", "ExampleStorage"]
+
+CONTRACT_VERSION = "2.0"
+"""The version of Reflow's storage contract (``reflow_core.CONTRACT_VERSION``) this
+adapter implements. The plugin refuses to register under a different major version."""

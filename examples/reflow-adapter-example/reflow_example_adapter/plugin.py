@@ -10,11 +10,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from reflow_core import CONTRACT_VERSION as REFLOW_CONTRACT
 from reflow_core import AdapterSpec, Capability, Clock, ConfigError, hookimpl
 
+from reflow_example_adapter import CONTRACT_VERSION
 from reflow_example_adapter.storage import ExampleStorage
 
 __all__ = ["reflow_adapters"]
+
+if REFLOW_CONTRACT.partition(".")[0] != CONTRACT_VERSION.partition(".")[0]:
+    # A major version changes method signatures or guarantees: registering anyway would
+    # hand the engine an adapter that breaks the contract it relies on.
+    raise ImportError(
+        f"reflow-adapter-example implements storage contract {CONTRACT_VERSION}, but the "
+        f"installed reflow speaks contract {REFLOW_CONTRACT}"
+    )
 
 
 def _open(url: str | None = None, *, clock: Clock | None = None, **options: Any) -> ExampleStorage:
@@ -33,11 +43,14 @@ def _open(url: str | None = None, *, clock: Clock | None = None, **options: Any)
     return ExampleStorage(name, clock=clock)
 
 
-def _fresh(tmp_path: Path, options: Mapping[str, str]) -> ExampleStorage:
-    """A fresh, empty store for one conformance case (a new random name; no files)."""
+def _fresh(
+    tmp_path: Path, options: Mapping[str, str], *, clock: Clock | None = None
+) -> ExampleStorage:
+    """A fresh, empty store for one conformance case (a new random name; no files), on the
+    kit's ``clock``: the kit moves time by hand, and this store must follow it."""
     if options:
         raise ConfigError(f"the example adapter takes no --reflow-option, got {dict(options)}")
-    return ExampleStorage()
+    return ExampleStorage(clock=clock)
 
 
 @hookimpl

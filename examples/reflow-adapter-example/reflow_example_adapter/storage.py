@@ -19,7 +19,15 @@ it. The design choices an adapter author has to make, and the ones made here:
   with nothing written, and every read decodes a fresh, equal value of the same type.
 * **Errors.** Nothing here can fail like a driver does; a broken invariant (a step id
   clash, use after ``close``) is raised as ``StorageError``.
-* **Time.** "Now" comes from the ``clock`` given at construction (epoch milliseconds).
+* **Time.** The store's clock is the only one that decides (contract 2.0): whether a
+  lease has expired, a sleeper is due or a schedule fires is judged by :meth:`now`,
+  here the ``clock`` given at construction (epoch milliseconds; the conformance kit
+  passes its own, so it can move time by hand). Each method reads it once, under the
+  lock. A server adapter would read the server's clock instead (SQL ``now()``), never
+  the client's.
+* **Leases.** A claim stores the claimer's lease length and ``lease_expires_at = now +
+  lease_ms``; a heartbeat renews it by that stored length. So no other worker's clock
+  or lease setting can make a live lease look expired.
 
 Claims and listings scan every run: fine for an example and for tests, where a real
 adapter would use an index. The tables and row helpers live in :mod:`.tables`.
@@ -42,6 +50,7 @@ from reflow_core import (
     CreateRunResult,
     ErrorInfo,
     EventRecord,
+    LeaseHolder,
     RunFilter,
     RunStatus,
     Schedule,
@@ -54,6 +63,7 @@ from reflow_core import (
 from reflow_core.schedule import next_fire_time
 
 from reflow_example_adapter.tables import (
+    LEASE_CLEARED,
     REQUEUEABLE,
     Row,
     Tables,
@@ -64,6 +74,7 @@ from reflow_example_adapter.tables import (
     detach,
     enc,
     held,
+    is_final,
     pop_event,
     put_step,
     record,
@@ -107,9 +118,20 @@ class ExampleStorage:
         with tables.lock:
             yield tables
 
-    def _set(self, row: Row, status: RunStatus, **fields: Any) -> None:
-        """Every status change: lease, wake_at and waiting_for are cleared unless given."""
-        row.update(lease_id=None, wake_at=None, waiting_for=None, updated_at=self._clock())
+    async def now(self) -> int:
+        """The store's clock: the ``clock`` given at construction."""
+        with self._tx("now"):
+            return self._clock()
+
+    @staticmethod
+    def _set(
+        row: Row, status: RunStatus, now: int, *, keep_lease: bool = False, **fields: Any
+    ) -> None:
+        """Every status change: wake_at, waiting_for and (unless kept) the lease fields are
+        cleared, then ``fields`` are written. ``heartbeat_at`` is never cleared."""
+        row.update(wake_at=None, waiting_for=None, updated_at=now)
+        if not keep_lease:
+            row.update(LEASE_CLEARED)
         row.update(status=RunStatus(status), **fields)
 
     # -- runs --------------------------------------------------------------------
@@ -157,31 +179,48 @@ class ExampleStorage:
             return found
 
     async def claim_next_run(
-        self, workflow_names: Collection[str], stale_before: int | None = None
+        self,
+        workflow_names: Collection[str],
+        *,
+        lease_ms: int,
+        holder: LeaseHolder | None = None,
     ) -> ClaimedRun | None:
-        """Claim the oldest claimable run of the named workflows, atomically."""
+        """Claim the oldest claimable run of the named workflows, atomically, storing the
+        claimer's lease length, expiry and holder with it."""
         names = set(workflow_names)
         with self._tx("claim_next_run") as db:
             now = self._clock()
             candidates = [
-                row
-                for row in db.runs.values()
-                if row["workflow"] in names and claimable(db, row, now, stale_before)
+                row for row in db.runs.values() if row["workflow"] in names and claimable(row, now)
             ]
             if not candidates:
                 return None
             row = min(candidates, key=lambda r: (r["created_at"], r["id"]))
+            taken_over = row["status"] == RunStatus.RUNNING  # its lease had expired
             lease_id = uuid.uuid4().hex
-            self._set(row, RunStatus.RUNNING, lease_id=lease_id, heartbeat_at=now)
-            row["attempt"] += 1
+            self._set(
+                row,
+                RunStatus.RUNNING,
+                now,
+                lease_id=lease_id,
+                claimed_at=now,
+                heartbeat_at=now,
+                lease_ms=lease_ms,
+                lease_expires_at=now + lease_ms,
+                holder=holder,
+                attempt=row["attempt"] + 1,
+                recoveries=row["recoveries"] + taken_over,
+            )
             return ClaimedRun(record(row), lease_id)
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
-        """Renew a held lease (``updated_at`` unchanged); ``False`` once it is lost."""
+        """Renew a held lease by its stored length (``updated_at`` unchanged); ``False``
+        once it is lost. An expired lease nobody has taken yet is still held."""
         with self._tx("heartbeat_run") as db:
             row = held(db, run_id, lease_id)
             if row is not None:
-                row["heartbeat_at"] = self._clock()
+                now = self._clock()
+                row.update(heartbeat_at=now, lease_expires_at=now + row["lease_ms"])
             return row is not None
 
     async def sleep_run(self, run_id: str, lease_id: str, wake_at: int) -> bool:
@@ -189,7 +228,7 @@ class ExampleStorage:
         with self._tx("sleep_run") as db:
             row = held(db, run_id, lease_id)
             if row is not None:
-                self._set(row, RunStatus.SLEEPING, wake_at=wake_at)
+                self._set(row, RunStatus.SLEEPING, self._clock(), wake_at=wake_at)
             return row is not None
 
     async def wait_run(
@@ -200,10 +239,11 @@ class ExampleStorage:
             row = held(db, run_id, lease_id)
             if row is None:
                 return False
+            now = self._clock()
             if db.events.get((run_id, event_name)):
-                self._set(row, RunStatus.PENDING)
+                self._set(row, RunStatus.PENDING, now)
             else:
-                self._set(row, RunStatus.WAITING, wake_at=wake_at, waiting_for=event_name)
+                self._set(row, RunStatus.WAITING, now, wake_at=wake_at, waiting_for=event_name)
             return True
 
     async def update_run_status(
@@ -214,7 +254,7 @@ class ExampleStorage:
             row = db.runs.get(run_id)
             if row is None or (expected is not None and row["status"] not in expected):
                 return False
-            self._set(row, status)
+            self._set(row, status, self._clock())
             return True
 
     async def update_claimed_run_status(
@@ -232,12 +272,13 @@ class ExampleStorage:
             row = held(db, run_id, lease_id)
             if row is None:
                 return False
-            keep = lease_id if RunStatus(status) == RunStatus.RUNNING else None
-            self._set(row, status, lease_id=keep, output=encoded, error=error)
+            keep = RunStatus(status) == RunStatus.RUNNING
+            self._set(row, status, self._clock(), keep_lease=keep, output=encoded, error=error)
             return True
 
     async def requeue_run(self, run_id: str) -> bool:
-        """A failed or cancelled run back to ``pending``, dropping only its failed steps."""
+        """A failed or cancelled run back to ``pending``, dropping only its failed steps;
+        ``recoveries`` starts again from 0."""
         with self._tx("requeue_run") as db:
             row = db.runs.get(run_id)
             if row is None or row["status"] not in REQUEUEABLE:
@@ -246,18 +287,23 @@ class ExampleStorage:
             for name, (step, _) in list(steps.items()):
                 if step.status == StepStatus.FAILED:
                     del steps[name], db.step_ids[step.id]
-            self._set(row, RunStatus.PENDING, output=enc(None), error=None)
+            self._set(
+                row, RunStatus.PENDING, self._clock(), output=enc(None), error=None, recoveries=0
+            )
             return True
 
     # -- steps -------------------------------------------------------------------
 
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
-        """Upsert a step row by id; with ``lease_id``, only while that lease is held."""
+        """Upsert a step row by id; with ``lease_id``, only while that lease is held. A
+        final row is never written again (``False``): the first writer wins."""
         output = enc(result.output)
         with self._tx("save_step_result") as db:
             if lease_id is not None and held(db, result.run_id, lease_id) is None:
                 return False
             created_at = check_step(db, result, "save_step_result")
+            if is_final(db, result):
+                return False
             put_step(db, result, created_at, output)
             return True
 
@@ -271,16 +317,26 @@ class ExampleStorage:
 
     # -- events ------------------------------------------------------------------
 
-    async def deliver_event(self, run_id: str, event_name: str, payload: Any) -> bool:
-        """Buffer an event; a run waiting for that name goes to ``pending``."""
+    async def deliver_event(
+        self, run_id: str, event_name: str, payload: Any, *, key: str | None = None
+    ) -> bool:
+        """Buffer an event for a run that has not ended; a run waiting for that name goes to
+        ``pending``. A ``key`` already delivered to the run stores nothing (``True``)."""
         encoded = enc(payload)
         with self._tx("deliver_event") as db:
             row = db.runs.get(run_id)
             if row is None:
                 return False
-            db.events.setdefault((run_id, event_name), deque()).append((encoded, self._clock()))
+            if key is not None and key in db.event_keys.get(run_id, ()):
+                return True  # a retry of a delivery that was stored
+            if RunStatus(row["status"]).is_terminal:
+                return False
+            now = self._clock()
+            db.events.setdefault((run_id, event_name), deque()).append((encoded, now))
+            if key is not None:
+                db.event_keys.setdefault(run_id, set()).add(key)
             if row["status"] == RunStatus.WAITING and row["waiting_for"] == event_name:
-                self._set(row, RunStatus.PENDING)
+                self._set(row, RunStatus.PENDING, now)
             return True
 
     async def take_event(self, run_id: str, event_name: str) -> EventRecord | None:
@@ -295,8 +351,8 @@ class ExampleStorage:
         """Take the oldest buffered event and checkpoint its payload, all or nothing."""
         with self._tx("consume_event") as db:
             run_id = checkpoint.run_id
-            if held(db, run_id, lease_id) is None:
-                return ConsumeResult(held=False)
+            if held(db, run_id, lease_id) is None or is_final(db, checkpoint):
+                return ConsumeResult(held=False)  # not held, or already checkpointed
             if not db.events.get((run_id, event_name)):
                 return ConsumeResult(held=True)
             created_at = check_step(db, checkpoint, "consume_event")  # may raise
@@ -323,12 +379,12 @@ class ExampleStorage:
             db.schedules[schedule.key] = (stored, encoded)
             return msgspec.structs.replace(stored, input=dec(encoded))
 
-    async def claim_due_schedule(
-        self, workflow_names: Collection[str], now: int
-    ) -> ClaimedSchedule | None:
-        """Claim the earliest due schedule (ties by key) and advance it under the same lock."""
+    async def claim_due_schedule(self, workflow_names: Collection[str]) -> ClaimedSchedule | None:
+        """Claim the earliest schedule due by the store's clock (ties by key) and advance it
+        under the same lock."""
         names = set(workflow_names)
         with self._tx("claim_due_schedule") as db:
+            now = self._clock()
             due = [
                 (s.next_run_at, key)
                 for key, (s, _) in db.schedules.items()
@@ -339,9 +395,7 @@ class ExampleStorage:
             slot, key = min(due)
             schedule, encoded = db.schedules[key]
             following = next_fire_time(schedule.recurrence, slot, now)  # may raise: no write yet
-            stored = msgspec.structs.replace(
-                schedule, next_run_at=following, updated_at=self._clock()
-            )
+            stored = msgspec.structs.replace(schedule, next_run_at=following, updated_at=now)
             db.schedules[key] = (stored, encoded)
             return ClaimedSchedule(msgspec.structs.replace(stored, input=dec(encoded)), slot)
 

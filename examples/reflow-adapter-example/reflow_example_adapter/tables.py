@@ -1,7 +1,8 @@
 """The example adapter's tables: plain dicts in one :class:`Tables` per named store.
 
 Everything here is called by :class:`~reflow_example_adapter.storage.ExampleStorage`
-with the store's lock held; nothing here locks, awaits or reads a clock.
+with the store's lock held; nothing here locks, awaits or reads a clock (the storage
+reads the store's clock once per method and passes ``now`` in).
 """
 
 from __future__ import annotations
@@ -12,9 +13,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
-from reflow_core import RunStatus, Schedule, StepResult, StorageError, WorkflowRun, codec
+from reflow_core import (
+    RunStatus,
+    Schedule,
+    StepResult,
+    StepStatus,
+    StorageError,
+    WorkflowRun,
+    codec,
+)
 
 __all__ = [
+    "LEASE_CLEARED",
     "REQUEUEABLE",
     "Row",
     "Tables",
@@ -25,6 +35,7 @@ __all__ = [
     "detach",
     "enc",
     "held",
+    "is_final",
     "pop_event",
     "put_step",
     "record",
@@ -36,6 +47,12 @@ Row = dict[str, Any]
 
 REQUEUEABLE = (RunStatus.FAILED, RunStatus.CANCELLED)
 _SUSPENDED = (RunStatus.SLEEPING, RunStatus.WAITING)
+
+LEASE_CLEARED: dict[str, Any] = dict.fromkeys(
+    ("lease_id", "claimed_at", "lease_ms", "lease_expires_at", "holder")
+)
+"""The lease fields, all ``None``: a claim sets them, every write leaving running clears
+them (``heartbeat_at`` is not among them: it keeps its last value)."""
 
 
 def enc(value: Any) -> bytes:
@@ -62,6 +79,8 @@ class Tables:
     step_ids: dict[str, tuple[str, str]] = field(default_factory=dict)
     events: dict[tuple[str, str], deque[tuple[bytes, int]]] = field(default_factory=dict)
     """(run id, event name) -> buffered (payload bytes, delivered_at), oldest first."""
+    event_keys: dict[str, set[str]] = field(default_factory=dict)
+    """Run id -> every ``deliver_event`` key stored for it (buffered or consumed since)."""
     schedules: dict[str, tuple[Schedule, bytes]] = field(default_factory=dict)
 
 
@@ -100,20 +119,16 @@ def held(tables: Tables, run_id: str, lease_id: str) -> Row | None:
     return row
 
 
-def claimable(tables: Tables, row: Row, now: int, stale_before: int | None) -> bool:
-    """Whether ``claim_next_run(..., stale_before)`` at ``now`` may take ``row``."""
+def claimable(row: Row, now: int) -> bool:
+    """Whether ``claim_next_run`` at the store's ``now`` may take ``row``: pending, a lease
+    that expired (``lease_expires_at <= now``), or a sleeper or waiter that is due."""
     status = row["status"]
     if status == RunStatus.PENDING:
         return True
     if status == RunStatus.RUNNING:
-        beat = row["heartbeat_at"]
-        return stale_before is not None and beat is not None and beat < stale_before
-    if status not in _SUSPENDED:
-        return False
-    if row["wake_at"] is not None and row["wake_at"] <= now:
-        return True
-    waiting_for = row["waiting_for"]
-    return status == RunStatus.WAITING and bool(tables.events.get((row["id"], waiting_for)))
+        expires = row["lease_expires_at"]
+        return expires is not None and expires <= now
+    return status in _SUSPENDED and row["wake_at"] is not None and row["wake_at"] <= now
 
 
 def check_step(tables: Tables, step: StepResult, operation: str) -> int:
@@ -127,6 +142,17 @@ def check_step(tables: Tables, step: StepResult, operation: str) -> int:
     if existing[0].id != step.id:
         raise StorageError(operation, f"step {step.name!r} already has id {existing[0].id!r}")
     return existing[0].created_at
+
+
+def is_final(tables: Tables, step: StepResult) -> bool:
+    """Whether a final row (completed, completed-early, skipped) already stands for
+    ``step``: checkpoints are written once, so such a row is never written again."""
+    existing = tables.steps.get(step.run_id, {}).get(step.name)
+    return (
+        existing is not None
+        and existing[0].id == step.id
+        and StepStatus(existing[0].status).is_done
+    )
 
 
 def put_step(tables: Tables, step: StepResult, created_at: int, output: bytes) -> None:

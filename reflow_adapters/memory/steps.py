@@ -1,0 +1,94 @@
+"""The step table behind ``MemoryStorage``: checkpoint rows, their identity, write-once.
+
+Plain synchronous code with no clock and no awaits: :class:`MemoryStorage` calls it
+from inside its method bodies, so each call is part of one atomic adapter method.
+Outputs are held as codec bytes next to a copy of the row without its output.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from reflow_core.errors import StorageError
+from reflow_core.types import StepResult, StepStatus
+
+__all__ = ["StepTable"]
+
+_Stored = tuple[StepResult, bytes | None]
+"""A stored step row: the record with ``output=None``, and its encoded output."""
+
+
+def _is_final(step: StepResult) -> bool:
+    # StepStatus() also accepts the plain string values a caller may have passed.
+    return StepStatus(step.status).is_done
+
+
+class StepTable:
+    """Every run's step rows; ``(run_id, name)`` and ``id`` are both unique."""
+
+    def __init__(self) -> None:
+        self._rows: dict[str, dict[str, _Stored]] = {}  # run id -> step name -> row
+        self._ids: dict[str, tuple[str, str]] = {}  # step id -> (run id, step name)
+
+    def clear(self) -> None:
+        """Drop every row."""
+        self._rows.clear()
+        self._ids.clear()
+
+    def existing(self, result: StepResult, operation: str) -> StepResult | None:
+        """The stored row an upsert of ``result`` would replace, or ``None``.
+
+        Raises ``StorageError`` (naming ``operation``) on an identity clash: the id
+        already names another ``(run_id, name)``, or the pair already has another id.
+        Checks only, so a caller that must change other state as well (consume_event)
+        can raise before it has changed anything.
+        """
+        owner = self._ids.get(result.id)
+        if owner is not None and owner != (result.run_id, result.name):
+            raise StorageError(
+                operation,
+                f"step id {result.id!r} already names step {owner[1]!r} of run {owner[0]!r}",
+            )
+        stored = self._rows.get(result.run_id, {}).get(result.name)
+        if stored is None:
+            return None
+        if stored[0].id != result.id:
+            raise StorageError(
+                operation,
+                f"step {result.name!r} of run {result.run_id!r} already has id "
+                f"{stored[0].id!r}, not {result.id!r}",
+            )
+        return stored[0]
+
+    def is_final(self, result: StepResult) -> bool:
+        """Whether a final row (completed, completed-early, skipped) stands for ``result``.
+
+        Such a row is never written again (write-once checkpoints). Never raises: an
+        identity clash is left to :meth:`existing`.
+        """
+        stored = self._rows.get(result.run_id, {}).get(result.name)
+        return stored is not None and stored[0].id == result.id and _is_final(stored[0])
+
+    def put(self, result: StepResult, existing: StepResult | None, output: bytes | None) -> None:
+        """Upsert ``result`` with its encoded ``output``, keeping ``existing.created_at``.
+
+        ``existing`` is what :meth:`existing` answered, and must not be final.
+        """
+        created_at = result.created_at if existing is None else existing.created_at
+        self._rows.setdefault(result.run_id, {})[result.name] = (
+            msgspec.structs.replace(result, output=None, created_at=created_at),
+            output,
+        )
+        self._ids[result.id] = (result.run_id, result.name)
+
+    def rows(self, run_id: str) -> list[_Stored]:
+        """The run's rows (output still encoded), ordered by ``(created_at, id)``."""
+        return sorted(self._rows.get(run_id, {}).values(), key=lambda r: (r[0].created_at, r[0].id))
+
+    def drop_failed(self, run_id: str) -> None:
+        """Delete the run's ``failed`` rows (and free their ids); every other row stays."""
+        steps = self._rows.get(run_id, {})
+        for name, (step, _) in list(steps.items()):
+            if StepStatus(step.status) is StepStatus.FAILED:
+                del steps[name]
+                del self._ids[step.id]
