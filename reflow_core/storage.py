@@ -142,7 +142,8 @@ class StorageAdapter(Protocol):
         Claimable, by the store's clock ``now``: ``pending``; ``running`` with
         ``lease_expires_at <= now`` (its holder stopped renewing: a crash, a hang, a lost
         network); ``sleeping`` or ``waiting`` with ``wake_at <= now``. Oldest means
-        lowest ``(created_at, id)``.
+        lowest ``(created_at, id)``. ``lease_ms`` is a positive int (the engine never asks
+        for less than 10 ms).
 
         The claim sets ``running``, a new unique lease id, ``claimed_at = heartbeat_at
         = now``, ``lease_ms`` and ``lease_expires_at = now + lease_ms``, ``holder``; it
@@ -192,6 +193,9 @@ class StorageAdapter(Protocol):
         expected: Collection[RunStatus] | None = None,
     ) -> bool:
         """Set a run's status without a lease check (used to cancel); clears lease and wake.
+
+        Setting ``running`` this way leaves the run with no holder and
+        ``lease_expires_at = now``: the next claim takes it over at once.
 
         With ``expected``, only a run currently in one of those statuses changes: the
         check and the write are one atomic step, so a run that completed a moment ago is
@@ -257,7 +261,9 @@ class StorageAdapter(Protocol):
         ``cancelled``; the status check and the write are atomic, so ``True`` means the
         event is stored for a run that had not ended. With ``key``: a key already
         delivered to this run (whether still buffered or consumed since) stores nothing
-        and answers ``True``, so a sender that retries delivers once.
+        and answers ``True``, even if the run has ended since, so a sender that retries
+        delivers once and hears what its first attempt achieved. A refused delivery does
+        not use its key up.
         """
         ...
 

@@ -257,7 +257,12 @@ class MemoryStorage:
         row = self._runs.get(run_id)
         if row is None or (expected is not None and row.status not in expected):
             return False
-        self._move(row, RunStatus(status), self._clock())
+        now = self._clock()
+        self._move(row, RunStatus(status), now)
+        if row.status is _RUNNING:
+            # Running with no holder: claimable at once, as if its lease had expired.
+            row.lease_expires_at = now
+            self._claims.file(row)
         return True
 
     async def update_claimed_run_status(

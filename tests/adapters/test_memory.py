@@ -362,15 +362,17 @@ def test_every_write_leaving_running_clears_the_lease_fields(exit: str) -> None:
     run(main())
 
 
-def test_update_run_status_to_running_clears_the_lease() -> None:
+def test_update_run_status_to_running_leaves_it_claimable_at_once() -> None:
     async def main() -> None:
-        s, _ = make()
+        s, now = make()
         await s.create_run(new_run("r"))
-        claimed = await claim(s, lease_ms=10)
+        claimed = await claim(s, lease_ms=60_000)
         assert await s.update_run_status("r", RunStatus.RUNNING)
         left = await stored(s, "r")
-        assert (left.status, lease_fields(left)) == (RunStatus.RUNNING, (None, None, None, None))
+        assert (left.status, lease_fields(left)) == (RunStatus.RUNNING, (None, None, now[0], None))
         assert not await s.heartbeat_run("r", claimed.lease_id)
+        taken = await claim(s, lease_ms=60_000)
+        assert taken is not None and taken.run.id == "r" and taken.run.recoveries == 1
 
     run(main())
 
