@@ -250,6 +250,15 @@ def build_cli() -> click.Group:
             "workflow": run.workflow,
             "status": run.status.value,
             "claims": str(run.attempt),
+            "recovered": str(run.recoveries) if run.recoveries else "",
+            "held by": (
+                f"worker {run.holder.worker} on {run.holder.host} (pid {run.holder.pid})"
+                if run.holder
+                else ""
+            ),
+            "claimed": _when(run.claimed_at) if run.claimed_at else "",
+            "heartbeat": _when(run.heartbeat_at) if run.heartbeat_at else "",
+            "lease to": _when(run.lease_expires_at) if run.lease_expires_at else "",
             "created": _when(run.created_at),
             "updated": _when(run.updated_at),
             "input": _value(run.input, 200),

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from reflow_core import Engine, StepContext, Workflow
+from reflow_core import Engine, LeaseHolder, StepContext, Workflow, open_storage
 from reflow_core.cli import MISSING_EXTRA, build_cli, main
 from reflow_core.worker import WorkerConfig, build_engine, load_target, redact
 
@@ -243,3 +243,27 @@ def test_demo_refuses_to_overwrite(tmp_path: Path) -> None:
     result = invoke("demo", "--db", str(tmp_path / "d.db"))
     assert result.exit_code == 2
     assert "exists" in result.output
+
+
+def test_runs_show_names_the_holder_of_a_running_run(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'held.db'}"
+
+    async def hold() -> str:
+        storage = open_storage(url)
+        try:
+            await storage.initialize()
+            engine = Engine(storage, [Workflow("held")], use_plugins=False)
+            run_ = await engine.enqueue("held")
+            claimed = await storage.claim_next_run(
+                ["held"], lease_ms=30_000, holder=LeaseHolder(worker="w-9", host="box", pid=4242)
+            )
+            assert claimed is not None
+            return run_.id
+        finally:
+            await storage.close()
+
+    run_id = asyncio.run(hold())
+    result = invoke("runs", "show", run_id, "--storage", url)
+    assert result.exit_code == 0
+    assert "worker w-9 on box (pid 4242)" in result.output
+    assert "lease to" in result.output
