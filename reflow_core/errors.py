@@ -18,6 +18,7 @@ says what happened, to what, and what to do about it. The tree::
     ├── StepTimeoutError             STEP_TIMEOUT
     ├── StepInterruptedError         STEP_INTERRUPTED   a step raised SystemExit, CancelledError
     ├── StepFailedError              STEP_FAILED
+    ├── RecoveryLimitError           RECOVERY_LIMIT     a run's worker died too often
     ├── WaitTimeoutError             WAIT_TIMEOUT
     ├── HookError                    HOOK               a hook or on-failure handler raised
     └── ControlFlow                  (never a run's failure: the run is left to its owner)
@@ -45,6 +46,7 @@ __all__ = [
     "ReflowError",
     "RunCancelledError",
     "SerializationError",
+    "RecoveryLimitError",
     "StepFailedError",
     "StepInterruptedError",
     "StepTimeoutError",
@@ -189,6 +191,27 @@ class StepInterruptedError(ReflowError):
         super().__init__(f"step {step!r} raised {name}{detail}")
         self.step = step
         self.error = error
+
+
+class RecoveryLimitError(ReflowError):
+    """A run was taken over from an expired lease more often than its workflow allows.
+
+    Each takeover means its worker died, hung or lost the store while running it; past
+    the limit the run most likely kills whatever runs it (out of memory, a crash in
+    native code, ``os._exit``), so it fails instead of looping across the fleet.
+    """
+
+    code = "RECOVERY_LIMIT"
+
+    def __init__(self, run_id: str, recoveries: int, limit: int) -> None:
+        super().__init__(
+            f"run {run_id} was recovered from a lost worker {recoveries} times (limit "
+            f"{limit}): its step probably kills the process that runs it. Fix the step, "
+            "then resume the run, or raise Workflow(max_recoveries=...)"
+        )
+        self.run_id = run_id
+        self.recoveries = recoveries
+        self.limit = limit
 
 
 class StepFailedError(ReflowError):

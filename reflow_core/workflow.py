@@ -152,10 +152,23 @@ FailureHandler = Callable[[FailureContext], Any]
 class Workflow(Generic[InputT]):
     """An ordered list of named units, plus an optional input type and failure handler."""
 
-    def __init__(self, name: str, *, input: type[InputT] | Any = None) -> None:
+    def __init__(
+        self, name: str, *, input: type[InputT] | Any = None, max_recoveries: int = 10
+    ) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"workflow name must be a non-empty str, got {name!r}")
+        if isinstance(max_recoveries, bool) or not isinstance(max_recoveries, int) or not (
+            0 <= max_recoveries <= 10_000
+        ):
+            raise ConfigError(
+                f"max_recoveries of workflow {name!r} must be an int from 0 to 10000, "
+                f"got {max_recoveries!r}"
+            )
         self.name = name
+        self.max_recoveries = max_recoveries
+        """How many times a run may be taken over from an expired lease (its worker
+        crashed, hung or lost the store) before it fails instead of looping across the
+        fleet: a step that kills its process (OOM, segfault, ``os._exit``) ends there."""
         self.input_type: Any = input
         self._units: list[Unit] = []
         self._names: set[str] = set()

@@ -25,6 +25,7 @@ from reflow_core.errors import (
     EngineStoppedError,
     HookError,
     LeaseExpiredError,
+    RecoveryLimitError,
     ReflowError,
     RunCancelledError,
 )
@@ -229,6 +230,9 @@ class RunExecution:
             )
         if self.run.attempt > 1:  # a first claim cannot have checkpoints: skip the read
             self.rows = {row.name: row for row in await self.storage.get_step_results(self.run.id)}
+        if self.run.recoveries > self.workflow.max_recoveries:
+            await self.fail(self._crash_loop())
+            return
         try:
             self.input = self.workflow.load_input(self.run.input)
         except ReflowError as exc:
@@ -248,6 +252,13 @@ class RunExecution:
                 await self.fail(self.failure)
                 return
         await self.complete(self.plain_output(self.prev_name))
+
+    def _crash_loop(self) -> ErrorInfo:
+        """The failure of a run taken over from an expired lease once too often."""
+        done = {name for name, row in self.rows.items() if row.status.is_done}
+        step = next((u.name for u in self.workflow.units if u.name not in done), None)
+        error = RecoveryLimitError(self.run.id, self.run.recoveries, self.workflow.max_recoveries)
+        return describe_error(error, step)
 
     async def complete(self, output: Any) -> None:
         """Store the run's output and mark it completed."""

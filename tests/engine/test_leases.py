@@ -15,9 +15,11 @@ import socket
 import threading
 from typing import Any
 
+import pytest
 from helpers import FakeClock, run
 
 from reflow_core import (
+    ConfigError,
     Engine,
     LeaseExpiredError,
     LeaseOptions,
@@ -367,3 +369,53 @@ def test_a_retried_event_delivery_is_stored_once(storage_factory: Any) -> None:
 
     run(scenario())
     assert got == [{"ok": 1}]
+
+
+def test_a_run_recovered_too_often_fails_instead_of_looping(
+    storage_factory: Any, clock: FakeClock
+) -> None:
+    """Every takeover from an expired lease counts; past the workflow's cap the run
+    fails with RECOVERY_LIMIT, naming the step it never got past, and on_failure runs."""
+    wf: Workflow[Any] = Workflow("crashy", max_recoveries=2)
+    handled: list[str | None] = []
+
+    @wf.step
+    def first(ctx: StepContext[Any]) -> int:
+        return 1
+
+    @wf.step
+    def killer(ctx: StepContext[Any]) -> int:
+        raise AssertionError("a worker that runs this dies before it can record anything")
+
+    @wf.on_failure
+    def compensate(ctx: Any) -> None:
+        handled.append(ctx.step)
+
+    async def scenario() -> None:
+        storage = storage_factory(clock=clock)
+        engine = Engine(storage, [wf], clock=clock, use_plugins=False)
+        try:
+            run_ = await engine.enqueue(wf)
+            # Three workers in a row claim it and die without a trace.
+            for _ in range(3):
+                assert await storage.claim_next_run(["crashy"], lease_ms=1_000) is not None
+                clock.advance(2)
+            await engine.run_until_idle()
+            view = await engine.get_run(run_.id)
+            assert view is not None and view.run.status is RunStatus.FAILED
+            assert view.run.recoveries == 3
+            assert view.run.error is not None and view.run.error.code == "RECOVERY_LIMIT"
+            assert view.run.error.step == "first"
+            assert view.steps == []  # nothing ran on the claim that gave up
+        finally:
+            await engine.stop()
+            await storage.close()
+
+    run(scenario())
+    assert handled == ["first"]
+
+
+def test_invalid_recovery_caps_are_refused() -> None:
+    for bad in (-1, 1.5, True, 10_001):
+        with pytest.raises(ConfigError, match="max_recoveries"):
+            Workflow("w", max_recoveries=bad)  # type: ignore[arg-type]
