@@ -17,7 +17,7 @@ from typing import Any
 from reflow_core.errors import ConfigError
 from reflow_core.hookspecs import hookimpl
 from reflow_core.registry import AdapterSpec, Capability
-from reflow_core.storage import StorageAdapter
+from reflow_core.storage import Clock, StorageAdapter
 
 __all__ = ["create", "create_for_conformance", "reflow_adapters"]
 
@@ -46,11 +46,14 @@ def create(url: str | None = None, **options: Any) -> StorageAdapter:
     return storage
 
 
-def create_for_conformance(tmp_path: Path, options: Mapping[str, str]) -> StorageAdapter:
+def create_for_conformance(
+    tmp_path: Path, options: Mapping[str, str], *, clock: Clock | None = None
+) -> StorageAdapter:
     """A fresh, empty store in a schema of its own, dropped when the test process exits.
 
-    Not dropped on ``close()``: the kit's durability cases close a store and reopen its
-    URL, expecting the data to be there.
+    ``clock`` (the kit's) overrides the server's "now" in every statement, so the kit
+    can move time by hand. Not dropped on ``close()``: the kit's durability cases close
+    a store and reopen its URL, expecting the data to be there.
     """
     dsn = options.get("dsn") or os.environ.get(TEST_DSN_ENV)
     if not dsn:
@@ -59,7 +62,7 @@ def create_for_conformance(tmp_path: Path, options: Mapping[str, str]) -> Storag
             f"or set {TEST_DSN_ENV}"
         )
     schema = f"reflow_test_{uuid.uuid4().hex[:12]}"
-    storage: StorageAdapter = _storage_class()(dsn, schema=schema)
+    storage: StorageAdapter = _storage_class()(dsn, schema=schema, clock=clock)
     if not _test_schemas:
         atexit.register(_drop_test_schemas)
     _test_schemas.append((storage.url or dsn, schema))

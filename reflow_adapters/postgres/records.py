@@ -1,9 +1,10 @@
 """Between contract records and table rows: value columns hold the codec's JSON text.
 
 Values are encoded here *before* any SQL runs, so a ``SerializationError`` leaves the
-store untouched. ``ErrorInfo`` and ``Recurrence`` are msgspec Structs with a fixed
-shape, stored as msgspec JSON (a fixed field order, which ``upsert_schedule`` relies on
-to compare recurrences as text).
+store untouched. ``ErrorInfo``, ``LeaseHolder`` and ``Recurrence`` are msgspec Structs
+with a fixed shape, stored as msgspec JSON (a fixed field order, which
+``upsert_schedule`` relies on to compare recurrences as text; an operator reads a
+holder with ``holder->>'host'``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from psycopg.rows import DictRow
 from reflow_core import codec
 from reflow_core.types import (
     ErrorInfo,
+    LeaseHolder,
     Recurrence,
     RunStatus,
     Schedule,
@@ -26,6 +28,7 @@ from reflow_core.types import (
 
 __all__ = [
     "dump_error",
+    "dump_holder",
     "dump_recurrence",
     "dump_value",
     "to_run",
@@ -53,6 +56,15 @@ def _load_error(text: str | None) -> ErrorInfo | None:
     return None if text is None else msgspec.json.decode(text, type=ErrorInfo)
 
 
+def dump_holder(holder: LeaseHolder | None) -> str | None:
+    """msgspec JSON for a lease holder, or NULL."""
+    return None if holder is None else msgspec.json.encode(holder).decode()
+
+
+def _load_holder(text: str | None) -> LeaseHolder | None:
+    return None if text is None else msgspec.json.decode(text, type=LeaseHolder)
+
+
 def dump_recurrence(recurrence: Recurrence) -> str:
     """msgspec JSON for a recurrence: same recurrence, same text."""
     return msgspec.json.encode(recurrence).decode()
@@ -74,6 +86,11 @@ def to_run(row: DictRow) -> WorkflowRun:
         waiting_for=row["waiting_for"],
         heartbeat_at=row["heartbeat_at"],
         attempt=row["attempt"],
+        recoveries=row["recoveries"],
+        claimed_at=row["claimed_at"],
+        lease_ms=row["lease_ms"],
+        lease_expires_at=row["lease_expires_at"],
+        holder=_load_holder(row["holder"]),
     )
 
 

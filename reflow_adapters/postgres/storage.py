@@ -8,7 +8,15 @@ Design in brief (the queries themselves are in ``queries.sql``):
 * The adapter's schema is every connection's ``search_path`` (a ``-c`` option in the
   conninfo), so ``queries.sql`` is schema-agnostic and readable. Schema names are
   restricted to lowercase identifiers, which makes that option safe without quoting.
-* Times come from the adapter's clock and are passed as parameters (never ``now()``).
+* The server's clock is the store's clock. Every statement that needs "now" reads
+  ``clock_timestamp()`` once, in epoch milliseconds, through the ``reflow_now`` SQL
+  function (``migrations/0002``); no client clock decides a lease, a wake-up or a due
+  schedule, so workers whose clocks disagree still agree on what is stale. Leases are
+  stored with the run (``lease_ms``, ``lease_expires_at``) and judged against that one
+  clock. A ``clock`` given to the constructor is a test-only override: its value is sent
+  as each statement's ``now`` instead (``reflow_now(%(now)s)`` is
+  ``coalesce(param, server time)``), so tests can move time by hand; without one the
+  parameter is NULL and the server decides.
 * Values go through :mod:`reflow_core.codec` *before* any SQL and are stored in
   ``json`` columns, which keep the codec's text byte for byte; json columns are loaded
   back as text (a connection-level loader) and decoded by the codec.
@@ -40,7 +48,7 @@ from psycopg.types.string import TextLoader
 from reflow_core import codec
 from reflow_core.errors import ConfigError, StorageError
 from reflow_core.schedule import next_fire_time
-from reflow_core.storage import Clock, system_clock
+from reflow_core.storage import Clock
 from reflow_core.types import (
     ClaimedRun,
     ClaimedSchedule,
@@ -48,6 +56,7 @@ from reflow_core.types import (
     CreateRunResult,
     ErrorInfo,
     EventRecord,
+    LeaseHolder,
     RunFilter,
     RunStatus,
     Schedule,
@@ -58,7 +67,15 @@ from reflow_core.types import (
 
 from .conninfo import advisory_key, split_dsn, with_schema_param
 from .notify import listen
-from .records import dump_error, dump_recurrence, dump_value, to_run, to_schedule, to_step
+from .records import (
+    dump_error,
+    dump_holder,
+    dump_recurrence,
+    dump_value,
+    to_run,
+    to_schedule,
+    to_step,
+)
 from .sql import migrations, queries
 
 __all__ = ["PostgresStorage"]
@@ -68,6 +85,11 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,49}")
 # What a call may raise when the server, the network or the pool fails. PoolTimeout and
 # PoolClosed derive from psycopg.OperationalError; listed for the reader.
 _DRIVER_ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, OSError)
+
+
+class _KeptFinalRow(Exception):
+    """Rolls back a ``consume_event`` transaction that found its checkpoint already
+    final; never escapes the adapter."""
 
 
 def _q(name: str) -> LiteralString:
@@ -82,6 +104,9 @@ class PostgresStorage:
     identifier) holds the tables; by default the DSN's ``reflow_schema`` query parameter,
     else ``"reflow"``. Nothing connects until :meth:`initialize`. ``drop_schema_on_close``
     drops the whole schema in :meth:`close` (for tests).
+
+    Time is the server's (``clock_timestamp()``). ``clock`` is for tests only: when
+    given, its value replaces the server's "now" in every statement.
     """
 
     listen_timeout_s: float = 30.0
@@ -125,7 +150,7 @@ class PostgresStorage:
         self.url: str | None = with_schema_param(base_dsn, self.schema)
         self.channel = f"{self.schema}_work"
         """The LISTEN/NOTIFY channel: one per schema, so separate stores never cross-talk."""
-        self._clock = clock or system_clock
+        self._clock = clock
         self._min_size, self._max_size = min_size, max_size
         self._drop_schema_on_close = drop_schema_on_close
         # json columns load as their exact text; the codec, not psycopg, decodes them.
@@ -185,6 +210,11 @@ class PostgresStorage:
         async with self._connection(operation) as conn:
             cur = await conn.execute(query, params)
             return cur.rowcount > 0
+
+    def _now(self) -> int | None:
+        """The ``%(now)s`` parameter: ``None`` (the server's clock decides) unless a
+        test clock was given."""
+        return None if self._clock is None else self._clock()
 
     async def _notify(self, conn: AsyncConnection[DictRow]) -> None:
         await conn.execute(_q("notify_work"), {"channel": self.channel})
@@ -282,6 +312,13 @@ class PostgresStorage:
             backoff_max_s=self.reconnect_max_s,
         )
 
+    async def now(self) -> int:
+        """The server's current time in epoch milliseconds (or the test clock's)."""
+        row = await self._fetch_one("now", _q("now"), {"now": self._now()})
+        if row is None:  # pragma: no cover - a SELECT of one value returns one row
+            raise StorageError("now", "the server returned no time")
+        return int(row["now"])
+
     # -- runs -------------------------------------------------------------------------
 
     async def create_run(self, run: WorkflowRun) -> CreateRunResult:
@@ -300,6 +337,11 @@ class PostgresStorage:
             "attempt": run.attempt,
             "created_at": run.created_at,
             "updated_at": run.updated_at,
+            "recoveries": run.recoveries,
+            "claimed_at": run.claimed_at,
+            "lease_ms": run.lease_ms,
+            "lease_expires_at": run.lease_expires_at,
+            "holder": dump_holder(run.holder),
         }
         async with self._connection("create_run", transaction=True) as conn:
             cur = await conn.execute(_q("insert_run"), params)
@@ -333,9 +375,14 @@ class PostgresStorage:
         return [to_run(row) for row in rows]
 
     async def claim_next_run(
-        self, workflow_names: Collection[str], stale_before: int | None = None
+        self,
+        workflow_names: Collection[str],
+        *,
+        lease_ms: int,
+        holder: LeaseHolder | None = None,
     ) -> ClaimedRun | None:
-        """Claim the oldest claimable run in one ``UPDATE ... FOR UPDATE SKIP LOCKED``."""
+        """Claim the oldest claimable run in one ``UPDATE ... FOR UPDATE SKIP LOCKED``;
+        staleness is ``lease_expires_at <= now`` on the server's clock."""
         names = list(workflow_names)
         if not names:
             return None
@@ -343,20 +390,21 @@ class PostgresStorage:
         params = {
             "names": names,
             "lease_id": lease_id,
-            "now": self._clock(),
-            "stale_before": stale_before,
+            "lease_ms": lease_ms,
+            "holder": dump_holder(holder),
+            "now": self._now(),
         }
         row = await self._fetch_one("claim_next_run", _q("claim_next_run"), params)
         return None if row is None else ClaimedRun(to_run(row), lease_id)
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
-        """Renew a held lease."""
-        params = {"id": run_id, "lease_id": lease_id, "now": self._clock()}
+        """Renew a held lease by its stored length, from the server's now."""
+        params = {"id": run_id, "lease_id": lease_id, "now": self._now()}
         return await self._write("heartbeat_run", _q("heartbeat_run"), params)
 
     async def sleep_run(self, run_id: str, lease_id: str, wake_at: int) -> bool:
         """Held run to sleeping; notifies so idle workers recompute their next wake time."""
-        params = {"id": run_id, "lease_id": lease_id, "wake_at": wake_at, "now": self._clock()}
+        params = {"id": run_id, "lease_id": lease_id, "wake_at": wake_at, "now": self._now()}
         async with self._connection("sleep_run", transaction=True) as conn:
             cur = await conn.execute(_q("sleep_run"), params)
             if cur.rowcount == 0:
@@ -373,7 +421,7 @@ class PostgresStorage:
             "lease_id": lease_id,
             "event_name": event_name,
             "wake_at": wake_at,
-            "now": self._clock(),
+            "now": self._now(),
         }
         async with self._connection("wait_run", transaction=True) as conn:
             cur = await conn.execute(_q("lock_held_run"), params)
@@ -397,13 +445,13 @@ class PostgresStorage:
             "id": run_id,
             "status": RunStatus(status).value,
             "expected": None if expected is None else [RunStatus(s).value for s in expected],
-            "now": self._clock(),
+            "now": self._now(),
         }
         async with self._connection("update_run_status", transaction=True) as conn:
             cur = await conn.execute(_q("update_run_status"), params)
             if cur.rowcount == 0:
                 return False
-            if status == RunStatus.PENDING:
+            if status in (RunStatus.PENDING, RunStatus.RUNNING):  # claimable at once
                 await self._notify(conn)
             return True
 
@@ -423,7 +471,7 @@ class PostgresStorage:
             "status": RunStatus(status).value,
             "output": dump_value(output),
             "error": dump_error(error),
-            "now": self._clock(),
+            "now": self._now(),
         }
         async with self._connection("update_claimed_run_status", transaction=True) as conn:
             cur = await conn.execute(_q("update_claimed_run_status"), params)
@@ -435,7 +483,7 @@ class PostgresStorage:
 
     async def requeue_run(self, run_id: str) -> bool:
         """A failed or cancelled run back to pending, dropping only its failed steps."""
-        params = {"id": run_id, "now": self._clock()}
+        params = {"id": run_id, "now": self._now()}
         async with self._connection("requeue_run", transaction=True) as conn:
             cur = await conn.execute(_q("requeue_run"), params)
             if cur.rowcount == 0:
@@ -447,7 +495,8 @@ class PostgresStorage:
     # -- steps ------------------------------------------------------------------------
 
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
-        """Upsert a step row by id; lease-checked in the same statement when given."""
+        """Upsert a step row by id; lease-checked in the same statement when given. A
+        stored final row is never overwritten (the statement's guard): ``False``."""
         params = {
             "id": result.id,
             "run_id": result.run_id,
@@ -483,19 +532,35 @@ class PostgresStorage:
 
     # -- events -----------------------------------------------------------------------
 
-    async def deliver_event(self, run_id: str, event_name: str, payload: Any) -> bool:
-        """Buffer an event and wake the run if it waits for that name, in one transaction."""
+    async def deliver_event(
+        self, run_id: str, event_name: str, payload: Any, *, key: str | None = None
+    ) -> bool:
+        """Buffer an event for a run that has not ended and wake the run if it waits for
+        that name, in one transaction; a repeated ``key`` stores nothing.
+
+        A key already delivered answers ``True`` even if the run has ended since (that
+        delivery did land); a refused delivery does not take its key.
+        """
         params = {
             "id": run_id,
             "event_name": event_name,
             "payload": dump_value(payload),
-            "now": self._clock(),
+            "key": key,
+            "now": self._now(),
         }
         async with self._connection("deliver_event", transaction=True) as conn:
             cur = await conn.execute(_q("lock_run"), params)
-            if await cur.fetchone() is None:
+            run = await cur.fetchone()
+            if run is None:
                 return False
-            await conn.execute(_q("insert_event"), params)
+            if run["ended"]:  # and stays so: the row is locked until commit
+                if key is None:
+                    return False
+                cur = await conn.execute(_q("event_key_seen"), params)
+                return await cur.fetchone() is not None
+            cur = await conn.execute(_q("insert_event"), params)
+            if cur.rowcount == 0:
+                return True  # this key was delivered before: stored once, woken then
             cur = await conn.execute(_q("wake_waiting_run"), params)
             if cur.rowcount > 0:
                 await self._notify(conn)
@@ -516,7 +581,9 @@ class PostgresStorage:
 
         The run row is locked first (as ``wait_run`` and ``deliver_event`` do), so the
         lease cannot be reclaimed between the check and the writes, and a concurrent
-        consumer of the same run waits, then sees the event gone.
+        consumer of the same run waits, then sees the event gone. A final row already
+        standing for ``checkpoint`` makes the statement take and write nothing
+        (``held=False``): checkpoints are written once.
         """
         params = {
             "id": checkpoint.run_id,
@@ -531,24 +598,36 @@ class PostgresStorage:
             "updated_at": checkpoint.updated_at,
             "wake_at": checkpoint.wake_at,
         }
-        async with self._connection("consume_event", transaction=True) as conn:
-            cur = await conn.execute(_q("lock_held_run"), params)
-            if await cur.fetchone() is None:
-                return ConsumeResult(held=False)
-            cur = await conn.execute(_q("consume_event"), params)
-            row = await cur.fetchone()
-            if row is None:
-                return ConsumeResult(held=True)
-            if row["saved"] == 0:
-                cur = await conn.execute(_q("get_step_owner"), {"id": checkpoint.id})
-                owner = await cur.fetchone()
-                where = f"run {owner['run_id']!r}, step {owner['name']!r}" if owner else "?"
-                # Raised inside the transaction: it rolls back, so the event stays buffered.
-                raise StorageError(
-                    "consume_event",
-                    f"step id {checkpoint.id!r} already belongs to {where}; it cannot be "
-                    f"reused for run {checkpoint.run_id!r}, step {checkpoint.name!r}",
-                )
+        try:
+            async with self._connection("consume_event", transaction=True) as conn:
+                cur = await conn.execute(_q("lock_held_run"), params)
+                if await cur.fetchone() is None:
+                    return ConsumeResult(held=False)
+                cur = await conn.execute(_q("consume_event"), params)
+                row = await cur.fetchone()
+                if row is None or row["done"]:  # the statement always returns one row
+                    return ConsumeResult(held=False)
+                if not row["found"]:
+                    return ConsumeResult(held=True)
+                if row["saved"] == 0:
+                    cur = await conn.execute(_q("get_step_owner"), {"id": checkpoint.id})
+                    owner = await cur.fetchone()
+                    if owner is not None and (owner["run_id"], owner["name"]) == (
+                        checkpoint.run_id,
+                        checkpoint.name,
+                    ):
+                        # A lease-less save_step_result made the row final after this
+                        # statement's snapshot: the first writer wins; undo the DELETE.
+                        raise _KeptFinalRow
+                    where = f"run {owner['run_id']!r}, step {owner['name']!r}" if owner else "?"
+                    # Raised inside the transaction: it rolls back, so the event stays.
+                    raise StorageError(
+                        "consume_event",
+                        f"step id {checkpoint.id!r} already belongs to {where}; it cannot be "
+                        f"reused for run {checkpoint.run_id!r}, step {checkpoint.name!r}",
+                    )
+        except _KeptFinalRow:  # the transaction rolled back: nothing consumed
+            return ConsumeResult(held=False)
         event = EventRecord(codec.decode(row["payload"]), row["delivered_at"])
         return ConsumeResult(held=True, event=event)
 
@@ -570,19 +649,18 @@ class PostgresStorage:
             raise StorageError("upsert_schedule", "upsert returned no row")
         return to_schedule(row)
 
-    async def claim_due_schedule(
-        self, workflow_names: Collection[str], now: int
-    ) -> ClaimedSchedule | None:
-        """Lock the earliest due schedule and advance it, in one transaction."""
+    async def claim_due_schedule(self, workflow_names: Collection[str]) -> ClaimedSchedule | None:
+        """Lock the earliest due schedule (by the server's now) and advance it from that
+        same now, in one transaction."""
         names = list(workflow_names)
         if not names:
             return None
         async with self._connection("claim_due_schedule", transaction=True) as conn:
-            cur = await conn.execute(_q("lock_due_schedule"), {"names": names, "now": now})
+            cur = await conn.execute(_q("lock_due_schedule"), {"names": names, "now": self._now()})
             row = await cur.fetchone()
             if row is None:
                 return None
-            due = to_schedule(row)
+            due, now = to_schedule(row), int(row["now"])
             params = {
                 "key": due.key,
                 "slot": due.next_run_at,

@@ -13,7 +13,7 @@ import multiprocessing
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +35,8 @@ from reflow_core import codec
 from reflow_core.errors import ConfigError, SerializationError, StorageError
 from reflow_core.registry import Capability
 from reflow_core.types import (
+    ConsumeResult,
+    LeaseHolder,
     Recurrence,
     RunStatus,
     Schedule,
@@ -47,6 +49,7 @@ pytestmark = pytest.mark.postgres
 pg_dsn = postgres_fixtures.pg_dsn
 pg_schema = postgres_fixtures.pg_schema
 T = TypeVar("T")
+LEASE = 30_000
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
@@ -126,7 +129,7 @@ def _claim_all_in_process(dsn: str, schema: str, barrier: Any, results: Any) -> 
         storage = await opened(dsn, schema, max_size=2)
         claimed: list[str] = []
         barrier.wait()
-        while (claim := await storage.claim_next_run(["wf"])) is not None:
+        while (claim := await storage.claim_next_run(["wf"], lease_ms=LEASE)) is not None:
             claimed.append(claim.run.id)
         await storage.close()
         return claimed
@@ -166,10 +169,17 @@ async def _catalog(dsn: str, schema: str) -> dict[str, list[tuple[Any, ...]]]:
             " WHERE n.nspname = %s ORDER BY 1",
             (schema + ".", schema),
         )
+        functions = await conn.execute(
+            "SELECT p.proname, pg_get_function_arguments(p.oid), p.provolatile, p.prosrc"
+            " FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = %s ORDER BY 1",
+            (schema,),
+        )
         return {
             "columns": await columns.fetchall(),
             "indexes": await indexes.fetchall(),
             "constraints": await constraints.fetchall(),
+            "functions": await functions.fetchall(),
         }
 
 
@@ -186,10 +196,11 @@ def test_concurrent_initialize_from_processes_leaves_one_schema(
                     sql.Identifier(pg_schema)
                 )
             )
-            assert [row[0] for row in await cur.fetchall()] == [1]
+            assert [row[0] for row in await cur.fetchall()] == [1, 2]
         catalog = await _catalog(pg_dsn, pg_schema)
         tables = {row[0] for row in catalog["columns"]}
-        assert tables == {"runs", "steps", "events", "schedules", "schema_version"}
+        assert tables == {"runs", "steps", "events", "event_keys", "schedules", "schema_version"}
+        assert [row[0] for row in catalog["functions"]] == ["reflow_now"]
         await storage.close()
 
     run(check())
@@ -252,11 +263,13 @@ def test_claim_skips_a_locked_run_instead_of_blocking(pg_dsn: str, pg_schema: st
         async with await psycopg.AsyncConnection.connect(pg_dsn) as blocker:
             query = sql.SQL("SELECT 1 FROM {}.runs WHERE id = 'older' FOR UPDATE")
             await blocker.execute(query.format(sql.Identifier(pg_schema)))
-            claim = await asyncio.wait_for(storage.claim_next_run(["wf"]), timeout=5)
+            claim = await asyncio.wait_for(
+                storage.claim_next_run(["wf"], lease_ms=LEASE), timeout=5
+            )
             assert claim is not None
             assert claim.run.id == "newer"
             await blocker.rollback()
-        claim = await storage.claim_next_run(["wf"])
+        claim = await storage.claim_next_run(["wf"], lease_ms=LEASE)
         assert claim is not None
         assert claim.run.id == "older"
         await storage.close()
@@ -268,16 +281,738 @@ def test_claim_reads_time_from_the_injected_clock(pg_dsn: str, pg_schema: str) -
     async def main() -> None:
         clock = Clock()
         storage = await opened(pg_dsn, pg_schema, clock=clock)
+        assert await storage.now() == clock.now
         await storage.create_run(new_run("r"))
-        claim = await storage.claim_next_run(["wf"])
+        claim = await storage.claim_next_run(["wf"], lease_ms=LEASE)
         assert claim is not None
         assert claim.run.heartbeat_at == clock.now
+        assert claim.run.claimed_at == clock.now
+        assert claim.run.lease_expires_at == clock.now + LEASE
         assert await storage.sleep_run("r", claim.lease_id, wake_at=clock.now + 500)
-        assert await storage.claim_next_run(["wf"]) is None
+        assert await storage.claim_next_run(["wf"], lease_ms=LEASE) is None
         clock.now += 500
-        again = await storage.claim_next_run(["wf"])
+        again = await storage.claim_next_run(["wf"], lease_ms=LEASE)
         assert again is not None
         assert again.run.attempt == 2
+        await storage.close()
+
+    run(main())
+
+
+# -- contract 2.0: the server's clock, stored leases ----------------------------------------
+
+
+async def server_ms(dsn: str) -> int:
+    """The server's clock_timestamp() in epoch ms, read on a connection of its own."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def raw(dsn: str, schema: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Run SQL directly in the adapter's schema (autocommit); rows if any."""
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, options=f"-c search_path={schema}"
+    ) as conn:
+        cur = await conn.execute(query.encode(), args or None)
+        return await cur.fetchall() if cur.description is not None else []
+
+
+async def must_get(storage: PostgresStorage, run_id: str) -> WorkflowRun:
+    stored = await storage.get_run(run_id)
+    assert stored is not None
+    return stored
+
+
+def wrong_python_clock(monkeypatch: pytest.MonkeyPatch, offset_s: float) -> None:
+    """Make this process's wall clock wildly wrong (the adapter must not care)."""
+    real_ns, real_s = time.time_ns, time.time
+    monkeypatch.setattr(time, "time_ns", lambda: real_ns() + int(offset_s * 1e9))
+    monkeypatch.setattr(time, "time", lambda: real_s() + offset_s)
+
+
+YEAR_S = 365 * 24 * 3600.0
+
+
+@pytest.mark.parametrize("offset_s", [YEAR_S, -YEAR_S], ids=["client-ahead", "client-behind"])
+def test_now_and_leases_follow_the_server_clock_not_the_client_clock(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch, offset_s: float
+) -> None:
+    async def main() -> None:
+        storage, other = await opened(pg_dsn, pg_schema), await opened(pg_dsn, pg_schema)
+        await storage.create_run(new_run("r"))
+        before = await server_ms(pg_dsn)
+        wrong_python_clock(monkeypatch, offset_s)
+        assert abs(time.time_ns() // 1_000_000 - before) > YEAR_S * 1000 / 2  # really wrong
+        now = await storage.now()
+        claim = await storage.claim_next_run(["wf"], lease_ms=60_000)
+        assert claim is not None
+        after = await server_ms(pg_dsn)
+        assert before <= now <= after
+        held = claim.run
+        assert held.claimed_at is not None
+        assert before <= held.claimed_at <= after
+        # One "now" per statement: every stamp of the claim is the same instant.
+        assert held.heartbeat_at == held.claimed_at == held.updated_at
+        assert held.lease_ms == 60_000
+        assert held.lease_expires_at == held.claimed_at + 60_000
+        # A client a year ahead would call this lease long expired; the server does not.
+        assert await other.claim_next_run(["wf"], lease_ms=1) is None
+        assert await storage.heartbeat_run("r", claim.lease_id)
+        renewed = await must_get(other, "r")
+        assert renewed.heartbeat_at is not None
+        assert held.claimed_at <= renewed.heartbeat_at <= await server_ms(pg_dsn)
+        assert renewed.lease_expires_at == renewed.heartbeat_at + 60_000
+        await storage.close()
+        await other.close()
+
+    run(main())
+
+
+def test_a_lease_is_claimable_exactly_when_the_server_clock_passes_its_expiry(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    async def main() -> None:
+        storage = await opened(pg_dsn, pg_schema)  # the server's clock decides
+        await storage.create_run(new_run("r"))
+        first = await storage.claim_next_run(["wf"], lease_ms=LEASE)
+        assert first is not None
+        expires = first.run.lease_expires_at
+        assert expires is not None
+        assert await storage.claim_next_run(["wf"], lease_ms=LEASE) is None
+        # The boundary, through the test-only override of the statements' "now".
+        early = await opened(pg_dsn, pg_schema, clock=Clock(expires - 1))
+        assert await early.claim_next_run(["wf"], lease_ms=LEASE) is None
+        on_time = await opened(pg_dsn, pg_schema, clock=Clock(expires))
+        taken = await on_time.claim_next_run(["wf"], lease_ms=LEASE)
+        assert taken is not None
+        assert taken.run.recoveries == 1
+        assert taken.run.claimed_at == expires
+        # on_time's lease was stamped 30 s ahead of the server: live for the server.
+        assert await storage.claim_next_run(["wf"], lease_ms=LEASE) is None
+        # And on the server's own clock alone: a 1 ms lease is stale once the server's
+        # clock has reached its expiry (polled, not slept).
+        assert await on_time.update_run_status("r", RunStatus.PENDING)
+        short = await storage.claim_next_run(["wf"], lease_ms=1)
+        assert short is not None
+        short_expiry = short.run.lease_expires_at
+        assert short_expiry is not None
+        polls = 0
+        while await storage.now() < short_expiry:
+            polls += 1
+            assert polls < 10_000, "the server's clock did not advance"
+        again = await storage.claim_next_run(["wf"], lease_ms=LEASE)
+        assert again is not None
+        assert again.run.recoveries == 2
+        for store in (storage, early, on_time):
+            await store.close()
+
+    run(main())
+
+
+def test_mixed_lease_lengths_each_holder_is_judged_by_its_own(pg_dsn: str, pg_schema: str) -> None:
+    async def main() -> None:
+        clock = Clock(1_000_000)
+        storage = await opened(pg_dsn, pg_schema, clock=clock)
+        await storage.create_run(new_run("long", created_at=1))
+        await storage.create_run(new_run("short", created_at=2))
+        long = await storage.claim_next_run(["wf"], lease_ms=10_000)
+        short = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert long is not None and short is not None
+        assert (long.run.id, short.run.id) == ("long", "short")
+        assert long.run.lease_expires_at == 1_010_000
+        assert short.run.lease_expires_at == 1_001_000
+        clock.now = 1_000_999
+        assert await storage.claim_next_run(["wf"], lease_ms=60_000) is None
+        clock.now = 1_001_000
+        # A long-lease claimer takes the expired short lease, not the older live one.
+        taken = await storage.claim_next_run(["wf"], lease_ms=60_000)
+        assert taken is not None
+        assert taken.run.id == "short"
+        assert taken.run.lease_ms == 60_000
+        assert taken.run.lease_expires_at == 1_061_000
+        # A short-lease claimer cannot make the 10 s lease look stale (1.x would have:
+        # stale_before = now - 100 ms).
+        clock.now = 1_005_000
+        assert await storage.claim_next_run(["wf"], lease_ms=100) is None
+        clock.now = 1_009_999
+        assert await storage.claim_next_run(["wf"], lease_ms=100) is None
+        clock.now = 1_010_000
+        again = await storage.claim_next_run(["wf"], lease_ms=100)
+        assert again is not None
+        assert again.run.id == "long"
+        assert (again.run.lease_ms, again.run.lease_expires_at) == (100, 1_010_100)
+        await storage.close()
+
+    run(main())
+
+
+def test_heartbeat_extends_by_the_stored_lease_length(pg_dsn: str, pg_schema: str) -> None:
+    async def main() -> None:
+        clock = Clock(1_000_000)
+        storage = await opened(pg_dsn, pg_schema, clock=clock)
+        await storage.create_run(new_run("r"))
+        claim = await storage.claim_next_run(["wf"], lease_ms=5_000)
+        assert claim is not None
+        clock.now = 1_003_000
+        assert await storage.heartbeat_run("r", claim.lease_id)
+        beat = await must_get(storage, "r")
+        assert beat.heartbeat_at == 1_003_000
+        assert beat.lease_expires_at == 1_008_000  # the stored 5 s, from the heartbeat
+        assert beat.lease_ms == 5_000
+        assert beat.claimed_at == 1_000_000  # the claim time stays
+        assert beat.updated_at == claim.run.updated_at  # a heartbeat is not an update
+        clock.now = 1_007_999
+        assert await storage.claim_next_run(["wf"], lease_ms=60_000) is None
+        # Expired but not yet reclaimed: still held, and renewing is allowed.
+        clock.now = 1_009_000
+        assert await storage.heartbeat_run("r", claim.lease_id)
+        assert (await must_get(storage, "r")).lease_expires_at == 1_014_000
+        assert not await storage.heartbeat_run("r", "not-the-lease")
+        clock.now = 1_014_000
+        taken = await storage.claim_next_run(["wf"], lease_ms=60_000)
+        assert taken is not None
+        assert not await storage.heartbeat_run("r", claim.lease_id)  # lost
+        clock.now = 1_020_000
+        assert await storage.heartbeat_run("r", taken.lease_id)
+        assert (await must_get(storage, "r")).lease_expires_at == 1_080_000  # its own 60 s
+        await storage.close()
+
+    run(main())
+
+
+def test_recoveries_count_expired_takeovers_only_and_requeue_resets_them(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    async def main() -> None:
+        clock = Clock(1_000_000)
+        storage = await opened(pg_dsn, pg_schema, clock=clock)
+        await storage.create_run(new_run("r"))
+        first = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert first is not None
+        assert (first.run.attempt, first.run.recoveries) == (1, 0)
+        clock.now += 1_000
+        second = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert second is not None
+        assert (second.run.attempt, second.run.recoveries) == (2, 1)
+        clock.now += 1_000
+        third = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert third is not None
+        assert (third.run.attempt, third.run.recoveries) == (3, 2)
+        # Claims of sleeping and released runs are not recoveries.
+        assert await storage.sleep_run("r", third.lease_id, wake_at=clock.now + 10)
+        clock.now += 10
+        woken = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert woken is not None
+        assert (woken.run.attempt, woken.run.recoveries) == (4, 2)
+        assert await storage.update_claimed_run_status("r", woken.lease_id, RunStatus.PENDING)
+        released = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert released is not None
+        assert (released.run.attempt, released.run.recoveries) == (5, 2)
+        assert await storage.update_claimed_run_status("r", released.lease_id, RunStatus.FAILED)
+        assert (await must_get(storage, "r")).recoveries == 2  # kept until an operator acts
+        assert await storage.requeue_run("r")
+        assert (await must_get(storage, "r")).recoveries == 0
+        fresh = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert fresh is not None
+        assert (fresh.run.attempt, fresh.run.recoveries) == (6, 0)
+        await storage.close()
+
+    run(main())
+
+
+def _lease_fields(run: WorkflowRun) -> tuple[Any, ...]:
+    return (run.claimed_at, run.lease_ms, run.lease_expires_at, run.holder)
+
+
+HOLDER = LeaseHolder(worker="w-1", host="box-a", pid=4242)
+
+
+def test_lease_fields_exist_only_while_running(pg_dsn: str, pg_schema: str) -> None:
+    async def main() -> None:
+        clock = Clock(1_000_000)
+        storage = await opened(pg_dsn, pg_schema, clock=clock)
+
+        async def held(run_id: str) -> str:
+            claim = await storage.claim_next_run([run_id], lease_ms=LEASE, holder=HOLDER)
+            assert claim is not None
+            assert _lease_fields(claim.run) == (clock.now, LEASE, clock.now + LEASE, HOLDER)
+            clock.now += 7
+            assert await storage.heartbeat_run(run_id, claim.lease_id)
+            return claim.lease_id
+
+        async def assert_released(run_id: str, status: RunStatus, beat: int) -> None:
+            stored = await must_get(storage, run_id)
+            assert stored.status is status
+            assert _lease_fields(stored) == (None, None, None, None)
+            assert stored.heartbeat_at == beat  # the last renewal is kept
+            rows = await raw(pg_dsn, pg_schema, "SELECT lease_id FROM runs WHERE id = %s", run_id)
+            assert rows == [(None,)]
+
+        exits: dict[str, Callable[[str], Awaitable[bool]]] = {
+            "sleep": lambda lease: storage.sleep_run("sleep", lease, wake_at=10**15),
+            "wait": lambda lease: storage.wait_run("wait", lease, "go", None),
+            "wait-buffered": lambda lease: storage.wait_run("wait-buffered", lease, "go", None),
+            "complete": lambda lease: storage.update_claimed_run_status(
+                "complete", lease, RunStatus.COMPLETED, output=1
+            ),
+            "release": lambda lease: storage.update_claimed_run_status(
+                "release", lease, RunStatus.PENDING
+            ),
+            "fail": lambda lease: storage.update_claimed_run_status(
+                "fail", lease, RunStatus.FAILED
+            ),
+            "cancel": lambda lease: storage.update_run_status("cancel", RunStatus.CANCELLED),
+        }
+        expected = {
+            "sleep": RunStatus.SLEEPING,
+            "wait": RunStatus.WAITING,
+            "wait-buffered": RunStatus.PENDING,
+            "complete": RunStatus.COMPLETED,
+            "release": RunStatus.PENDING,
+            "fail": RunStatus.FAILED,
+            "cancel": RunStatus.CANCELLED,
+        }
+        for run_id, leave in exits.items():
+            await storage.create_run(new_run(run_id, workflow=run_id))
+            lease = await held(run_id)
+            if run_id == "wait-buffered":
+                assert await storage.deliver_event(run_id, "go", 1)
+            assert await leave(lease)
+            await assert_released(run_id, expected[run_id], beat=clock.now)
+        beat = (await must_get(storage, "fail")).heartbeat_at
+        assert beat is not None
+        clock.now += 1
+        assert await storage.requeue_run("fail")
+        await assert_released("fail", RunStatus.PENDING, beat=beat)
+
+        # Staying running keeps the lease, holder and all.
+        await storage.create_run(new_run("stay", workflow="stay"))
+        lease = await held("stay")
+        assert await storage.update_claimed_run_status("stay", lease, RunStatus.RUNNING)
+        stored = await must_get(storage, "stay")
+        assert _lease_fields(stored) == (clock.now - 7, LEASE, clock.now + LEASE, HOLDER)
+        assert await storage.heartbeat_run("stay", lease)
+        # Forced to running without a lease: nobody can renew it, so it is claimable now.
+        assert await storage.update_run_status("stay", RunStatus.RUNNING)
+        forced = await must_get(storage, "stay")
+        assert (forced.claimed_at, forced.lease_ms, forced.holder) == (None, None, None)
+        assert forced.lease_expires_at == clock.now
+        assert not await storage.heartbeat_run("stay", lease)
+        taken = await storage.claim_next_run(["stay"], lease_ms=LEASE)
+        assert taken is not None
+        assert taken.run.recoveries == 1
+        await storage.close()
+
+    run(main())
+
+
+def test_holder_is_stored_with_the_claim_and_replaced_by_a_takeover(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    async def main() -> None:
+        clock = Clock(1_000_000)
+        storage = await opened(pg_dsn, pg_schema, clock=clock)
+        await storage.create_run(new_run("r"))
+        claim = await storage.claim_next_run(["wf"], lease_ms=1_000, holder=HOLDER)
+        assert claim is not None
+        assert claim.run.holder == HOLDER
+        assert (await must_get(storage, "r")).holder == HOLDER
+        # An operator finds the worker with plain SQL.
+        rows = await raw(
+            pg_dsn,
+            pg_schema,
+            "SELECT holder->>'worker', holder->>'host', (holder->>'pid')::int FROM runs"
+            " WHERE status = 'running'",
+        )
+        assert rows == [("w-1", "box-a", 4242)]
+        clock.now += 1_000
+        other = LeaseHolder(worker="w-2", host="box-b", pid=7)
+        taken = await storage.claim_next_run(["wf"], lease_ms=1_000, holder=other)
+        assert taken is not None
+        assert (await must_get(storage, "r")).holder == other
+        clock.now += 1_000
+        anonymous = await storage.claim_next_run(["wf"], lease_ms=1_000)
+        assert anonymous is not None
+        assert anonymous.run.holder is None
+        assert (await must_get(storage, "r")).holder is None
+        await storage.close()
+
+    run(main())
+
+
+def test_claim_takes_the_oldest_claimable_run_of_any_kind(pg_dsn: str, pg_schema: str) -> None:
+    async def main() -> None:
+        clock = Clock(1_000_000)
+        storage = await opened(pg_dsn, pg_schema, clock=clock)
+        for i, run_id in enumerate(["live", "asleep", "expired", "due", "pending"]):
+            await storage.create_run(new_run(run_id, created_at=i))
+        leases = {}
+        for run_id, lease_ms in [("live", 60_000), ("asleep", 60_000), ("expired", 10)]:
+            claim = await storage.claim_next_run(["wf"], lease_ms=lease_ms)
+            assert claim is not None
+            assert claim.run.id == run_id
+            leases[run_id] = claim.lease_id
+        due = await storage.claim_next_run(["wf"], lease_ms=60_000)
+        assert due is not None
+        assert await storage.sleep_run("asleep", leases["asleep"], wake_at=clock.now + 60_000)
+        assert await storage.wait_run("due", due.lease_id, "go", clock.now + 5)
+        clock.now += 10
+        order = []
+        while (claim := await storage.claim_next_run(["wf"], lease_ms=60_000)) is not None:
+            order.append(claim.run.id)
+        assert order == ["expired", "due", "pending"]  # by created_at, whatever the kind
+        await storage.close()
+
+    run(main())
+
+
+def test_the_stale_and_due_branches_use_their_partial_indexes(pg_dsn: str, pg_schema: str) -> None:
+    """Thousands of live leases and future wake-ups: the claim reads none of them."""
+    from reflow_adapters.postgres.sql import queries
+
+    async def main() -> None:
+        storage = await opened(pg_dsn, pg_schema)
+        await raw(
+            pg_dsn,
+            pg_schema,
+            "INSERT INTO runs (id, workflow, status, input, created_at, updated_at, lease_id,"
+            " lease_ms, lease_expires_at, claimed_at, heartbeat_at, wake_at)"
+            " SELECT 'r' || i, 'wf', (ARRAY['running', 'sleeping', 'completed'])[i % 3 + 1],"
+            " 'null', i, i, 'l' || i, 60000, 10^15, 1, 1, 10^15"
+            " FROM generate_series(1, 30000) AS i",
+        )
+        await raw(pg_dsn, pg_schema, "UPDATE runs SET wake_at = NULL WHERE status <> 'sleeping'")
+        await raw(
+            pg_dsn,
+            pg_schema,
+            "UPDATE runs SET lease_id = NULL, lease_ms = NULL, lease_expires_at = NULL,"
+            " claimed_at = NULL WHERE status <> 'running'",
+        )
+        await raw(pg_dsn, pg_schema, "ANALYZE runs")
+        params = {"names": ["wf"], "lease_id": "x", "lease_ms": 1, "holder": None, "now": None}
+        async with await psycopg.AsyncConnection.connect(
+            pg_dsn, autocommit=True, options=f"-c search_path={pg_schema}"
+        ) as conn:
+            cur = await conn.execute(
+                "EXPLAIN (ANALYZE, FORMAT JSON) " + queries()["claim_next_run"], params
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        nodes = list(_plan_nodes(row[0][0]["Plan"]))
+        scans = {node.get("Index Name"): node for node in nodes if "Index Name" in node}
+        assert "runs_lease_expiry_idx" in scans, nodes
+        assert "runs_wake_idx" in scans, nodes
+        read = sum(n.get("Actual Rows", 0) + n.get("Rows Removed by Filter", 0) for n in nodes)
+        assert read < 100, f"the claim read {read} rows"  # not the 20,000 live ones
+        await storage.close()
+
+    run(main())
+
+
+def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield node
+    for child in node.get("Plans", []):
+        yield from _plan_nodes(child)
+
+
+def test_schedules_are_due_by_the_server_clock(
+    pg_dsn: str, pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        storage = await opened(pg_dsn, pg_schema)
+        start = await server_ms(pg_dsn)
+
+        def schedule(key: str, next_run_at: int) -> Schedule:
+            return Schedule(
+                key=key,
+                workflow="wf",
+                input=None,
+                recurrence=Recurrence(every_ms=1000),
+                next_run_at=next_run_at,
+                created_at=0,
+                updated_at=0,
+            )
+
+        await storage.upsert_schedule(schedule("late", start - 10_500))
+        await storage.upsert_schedule(schedule("later", start + 3_600_000))
+        wrong_python_clock(monkeypatch, YEAR_S)  # "later" would be due by this clock
+        claimed = await storage.claim_due_schedule(["wf"])
+        end = await server_ms(pg_dsn)
+        assert claimed is not None
+        assert claimed.slot == start - 10_500
+        # Advanced past the server's now (missed occurrences skipped, phase kept).
+        advanced = claimed.schedule.next_run_at
+        assert (advanced - claimed.slot) % 1000 == 0
+        assert start < advanced <= end + 1000
+        assert start <= claimed.schedule.updated_at <= end
+        assert await storage.claim_due_schedule(["wf"]) is None
+        await storage.close()
+
+    run(main())
+
+
+# -- contract 2.0: write-once checkpoints -------------------------------------------------
+
+
+def step_row(status: StepStatus, output: Any = None, run_id: str = "r") -> StepResult:
+    return StepResult(
+        id=f"{run_id}:s",
+        run_id=run_id,
+        name="s",
+        status=status,
+        output=output,
+        created_at=1,
+        updated_at=1,
+    )
+
+
+@pytest.mark.parametrize(
+    "final", [StepStatus.COMPLETED, StepStatus.COMPLETED_EARLY, StepStatus.SKIPPED]
+)
+def test_a_final_step_row_is_never_written_again(
+    pg_dsn: str, pg_schema: str, final: StepStatus
+) -> None:
+    async def main() -> None:
+        storage = await opened(pg_dsn, pg_schema)
+        await storage.create_run(new_run("r"))
+        claim = await storage.claim_next_run(["wf"], lease_ms=LEASE)
+        assert claim is not None
+        # Non-final rows are overwritten as before.
+        for status in (StepStatus.RUNNING, StepStatus.FAILED, StepStatus.WAITING):
+            assert await storage.save_step_result(step_row(status), claim.lease_id)
+        assert await storage.save_step_result(step_row(final, "first"), claim.lease_id)
+        for status in StepStatus:
+            again = step_row(status, "second")
+            assert not await storage.save_step_result(again, claim.lease_id)  # held lease
+            assert not await storage.save_step_result(again)  # no lease
+        (stored,) = await storage.get_step_results("r")
+        assert (stored.status, stored.output) == (final, "first")
+
+        # consume_event refuses too, and consumes nothing.
+        assert await storage.deliver_event("r", "go", "payload")
+        result = await storage.consume_event("go", step_row(StepStatus.COMPLETED), claim.lease_id)
+        assert result == ConsumeResult(held=False)
+        (stored,) = await storage.get_step_results("r")
+        assert (stored.status, stored.output) == (final, "first")
+        event = await storage.take_event("r", "go")
+        assert event is not None
+        assert event.payload == "payload"
+        await storage.close()
+
+    run(main())
+
+
+def test_consume_event_against_a_row_made_final_meanwhile_consumes_nothing(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """The first writer wins even when it commits while consume_event's statement runs."""
+    dsn, app = with_app_name(pg_dsn)
+
+    async def main() -> None:
+        storage = await opened(dsn, pg_schema)
+        await storage.create_run(new_run("r"))
+        claim = await storage.claim_next_run(["wf"], lease_ms=LEASE)
+        assert claim is not None
+        assert await storage.deliver_event("r", "go", "payload")
+        async with await psycopg.AsyncConnection.connect(
+            pg_dsn, options=f"-c search_path={pg_schema}"
+        ) as blocker:
+            # A lease-less writer's final row, not yet committed when consume_event starts.
+            await blocker.execute(
+                "INSERT INTO steps (id, run_id, name, status, output, attempts, created_at,"
+                " updated_at) VALUES ('r:s', 'r', 's', 'completed', '\"first\"', 1, 1, 1)"
+            )
+            consuming = asyncio.create_task(
+                storage.consume_event("go", step_row(StepStatus.COMPLETED), claim.lease_id)
+            )
+
+            async def blocked() -> bool:
+                cur = await blocker.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE application_name = %s AND wait_event_type = 'Lock'",
+                    (app,),
+                )
+                row = await cur.fetchone()
+                return row is not None and row[0] == 1
+
+            await wait_until(blocked)  # its upsert waits on the uncommitted row
+            await blocker.commit()
+            assert await consuming == ConsumeResult(held=False)
+        (stored,) = await storage.get_step_results("r")
+        assert (stored.status, stored.output) == (StepStatus.COMPLETED, "first")
+        event = await storage.take_event("r", "go")  # rolled back: still buffered
+        assert event is not None
+        assert event.payload == "payload"
+        await storage.close()
+
+    run(main())
+
+
+# -- contract 2.0: deliver_event ----------------------------------------------------------
+
+
+async def ended_run(storage: PostgresStorage, run_id: str, status: RunStatus) -> None:
+    await storage.create_run(new_run(run_id, workflow=run_id))
+    claim = await storage.claim_next_run([run_id], lease_ms=LEASE)
+    assert claim is not None
+    if status is RunStatus.CANCELLED:
+        assert await storage.update_run_status(run_id, status)
+    else:
+        assert await storage.update_claimed_run_status(run_id, claim.lease_id, status)
+
+
+async def count_rows(dsn: str, schema: str, table: str, run_id: str) -> int:
+    query = f"SELECT count(*) FROM {table} WHERE run_id = %s"
+    return int((await raw(dsn, schema, query, run_id))[0][0])
+
+
+@pytest.mark.parametrize(
+    "status", [RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED], ids=str
+)
+def test_deliver_event_to_an_ended_run_stores_nothing(
+    pg_dsn: str, pg_schema: str, status: RunStatus
+) -> None:
+    async def main() -> None:
+        storage = await opened(pg_dsn, pg_schema)
+        assert not await storage.deliver_event("missing", "go", 1)
+        assert not await storage.deliver_event("missing", "go", 1, key="k")
+        await ended_run(storage, "r", status)
+        before = await must_get(storage, "r")
+        assert not await storage.deliver_event("r", "go", "late")
+        assert not await storage.deliver_event("r", "go", "late", key="k")
+        assert await must_get(storage, "r") == before
+        assert await count_rows(pg_dsn, pg_schema, "events", "r") == 0
+        assert await count_rows(pg_dsn, pg_schema, "event_keys", "r") == 0  # key not taken
+        if status is not RunStatus.COMPLETED:
+            assert await storage.requeue_run("r")
+            assert await storage.deliver_event("r", "go", "after requeue", key="k")
+            event = await storage.take_event("r", "go")
+            assert event is not None
+            assert event.payload == "after requeue"
+        await storage.close()
+
+    run(main())
+
+
+def test_deliver_event_to_a_run_that_ends_meanwhile_stores_nothing(
+    pg_dsn: str, pg_schema: str
+) -> None:
+    """The status check and the write are atomic: a delivery that waits for a finishing
+    run's row sees it finished."""
+    dsn, app = with_app_name(pg_dsn)
+
+    async def main() -> None:
+        storage = await opened(dsn, pg_schema)
+        await storage.create_run(new_run("r"))
+        async with await psycopg.AsyncConnection.connect(
+            pg_dsn, options=f"-c search_path={pg_schema}"
+        ) as finisher:
+            await finisher.execute("UPDATE runs SET status = 'completed' WHERE id = 'r'")
+            delivering = asyncio.create_task(storage.deliver_event("r", "go", 1, key="k"))
+
+            async def blocked() -> bool:
+                cur = await finisher.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE application_name = %s AND wait_event_type = 'Lock'",
+                    (app,),
+                )
+                row = await cur.fetchone()
+                return row is not None and row[0] == 1
+
+            await wait_until(blocked)
+            await finisher.commit()
+            assert await delivering is False
+        assert await count_rows(pg_dsn, pg_schema, "events", "r") == 0
+        assert await count_rows(pg_dsn, pg_schema, "event_keys", "r") == 0
+        await storage.close()
+
+    run(main())
+
+
+def test_a_repeated_event_key_delivers_once(pg_dsn: str, pg_schema: str) -> None:
+    async def main() -> None:
+        storage = await opened(pg_dsn, pg_schema)
+        await storage.create_run(new_run("r"))
+        await storage.create_run(new_run("other", created_at=2, workflow="other"))
+        assert await storage.deliver_event("r", "go", 1, key="k")
+        assert await storage.deliver_event("r", "go", 2, key="k")  # still buffered
+        assert await storage.deliver_event("other", "go", 3, key="k")  # keys are per run
+        assert await count_rows(pg_dsn, pg_schema, "events", "r") == 1
+        event = await storage.take_event("r", "go")
+        assert event is not None
+        assert event.payload == 1
+        assert await storage.deliver_event("r", "go", 4, key="k")  # consumed since
+        assert await storage.take_event("r", "go") is None
+        assert await storage.deliver_event("r", "go", 5)  # unkeyed: always stored
+        assert await storage.deliver_event("r", "go", 6, key="k2")
+        assert await count_rows(pg_dsn, pg_schema, "events", "r") == 2
+
+        # A repeated key does not wake a run that waits again.
+        claim = await storage.claim_next_run(["wf"], lease_ms=LEASE)
+        assert claim is not None
+        assert await storage.take_event("r", "go") is not None
+        assert await storage.take_event("r", "go") is not None
+        assert await storage.wait_run("r", claim.lease_id, "go", None)
+        assert await storage.deliver_event("r", "go", 7, key="k2")
+        assert (await must_get(storage, "r")).status is RunStatus.WAITING
+        assert await count_rows(pg_dsn, pg_schema, "events", "r") == 0
+
+        # After the run ends: an old key still answers True (it was delivered); a new
+        # one is refused. Deleting the run deletes its keys.
+        assert await storage.update_run_status("r", RunStatus.CANCELLED)
+        assert await storage.deliver_event("r", "go", 8, key="k")
+        assert not await storage.deliver_event("r", "go", 9, key="new")
+        assert await count_rows(pg_dsn, pg_schema, "events", "r") == 0
+        await raw(pg_dsn, pg_schema, "DELETE FROM runs WHERE id = 'r'")
+        assert await count_rows(pg_dsn, pg_schema, "event_keys", "r") == 0
+        await storage.close()
+
+    run(main())
+
+
+def test_concurrent_deliveries_of_one_key_store_one_event(pg_dsn: str, pg_schema: str) -> None:
+    async def main() -> None:
+        stores = [await opened(pg_dsn, pg_schema) for _ in range(3)]
+        await stores[0].create_run(new_run("r"))
+        answers = await asyncio.gather(
+            *(stores[i % 3].deliver_event("r", "go", i, key="k") for i in range(12))
+        )
+        assert answers == [True] * 12
+        assert await count_rows(pg_dsn, pg_schema, "events", "r") == 1
+        for store in stores:
+            await store.close()
+
+    run(main())
+
+
+def test_upgrading_from_0001_gives_held_runs_a_lease(pg_dsn: str, pg_schema: str) -> None:
+    async def main() -> None:
+        old = PostgresStorage(pg_dsn, schema=pg_schema)
+        await old._open_pool()
+        await old._migrate(up_to=1)
+        await raw(
+            pg_dsn,
+            pg_schema,
+            "INSERT INTO runs (id, workflow, status, input, lease_id, heartbeat_at, attempt,"
+            " created_at, updated_at) VALUES ('r', 'wf', 'running', 'null', 'old', 5000, 1,"
+            " 1, 1)",
+        )
+        await old.close()
+        clock = Clock(34_999)
+        storage = await opened(pg_dsn, pg_schema, clock=clock)
+        stored = await must_get(storage, "r")
+        assert _lease_fields(stored) == (5000, 30_000, 35_000, None)
+        assert stored.recoveries == 0
+        assert await storage.claim_next_run(["wf"], lease_ms=LEASE) is None
+        clock.now = 35_000
+        taken = await storage.claim_next_run(["wf"], lease_ms=LEASE)
+        assert taken is not None
+        assert taken.run.recoveries == 1
         await storage.close()
 
     run(main())
@@ -288,7 +1023,7 @@ def test_concurrent_deliver_and_wait_never_lose_the_wakeup(pg_dsn: str, pg_schem
         first, second = await opened(pg_dsn, pg_schema), await opened(pg_dsn, pg_schema)
         for i in range(40):
             await first.create_run(new_run(f"r{i}", created_at=i))
-            claim = await first.claim_next_run(["wf"])
+            claim = await first.claim_next_run(["wf"], lease_ms=LEASE)
             assert claim is not None
             await asyncio.gather(
                 first.wait_run(claim.run.id, claim.lease_id, "go", None),
@@ -306,7 +1041,7 @@ def test_concurrent_deliver_and_wait_never_lose_the_wakeup(pg_dsn: str, pg_schem
 
 def test_a_schedule_occurrence_is_claimed_once_across_adapters(pg_dsn: str, pg_schema: str) -> None:
     async def main() -> None:
-        stores = [await opened(pg_dsn, pg_schema) for _ in range(4)]
+        stores = [await opened(pg_dsn, pg_schema, clock=Clock(1500)) for _ in range(4)]
         schedule = Schedule(
             key="tick",
             workflow="wf",
@@ -317,7 +1052,7 @@ def test_a_schedule_occurrence_is_claimed_once_across_adapters(pg_dsn: str, pg_s
             updated_at=0,
         )
         await stores[0].upsert_schedule(schedule)
-        claims = await asyncio.gather(*(s.claim_due_schedule(["wf"], 1500) for s in stores))
+        claims = await asyncio.gather(*(s.claim_due_schedule(["wf"]) for s in stores))
         won = [c for c in claims if c is not None]
         assert len(won) == 1
         assert won[0].slot == 1000
@@ -370,23 +1105,23 @@ def test_every_release_path_notifies_another_process_handle(pg_dsn: str, pg_sche
         await writer.create_run(new_run("r"))
         await wakeups.wait()
         assert time.perf_counter() - started < 2
-        claim = await writer.claim_next_run(["wf"])
+        claim = await writer.claim_next_run(["wf"], lease_ms=LEASE)
         assert claim is not None
         assert await writer.sleep_run("r", claim.lease_id, wake_at=10**15)
         await wakeups.wait()
         assert await writer.update_run_status("r", RunStatus.PENDING)
         await wakeups.wait()
-        claim = await writer.claim_next_run(["wf"])
+        claim = await writer.claim_next_run(["wf"], lease_ms=LEASE)
         assert claim is not None
         assert await writer.wait_run("r", claim.lease_id, "go", None)
         assert await writer.deliver_event("r", "other", 1)  # not awaited: no wake-up
         assert await writer.deliver_event("r", "go", 1)
         await wakeups.wait()
-        claim = await writer.claim_next_run(["wf"])
+        claim = await writer.claim_next_run(["wf"], lease_ms=LEASE)
         assert claim is not None
         assert await writer.update_claimed_run_status("r", claim.lease_id, RunStatus.PENDING)
         await wakeups.wait()
-        claim = await writer.claim_next_run(["wf"])
+        claim = await writer.claim_next_run(["wf"], lease_ms=LEASE)
         assert claim is not None
         assert await writer.update_claimed_run_status("r", claim.lease_id, RunStatus.FAILED)
         assert await writer.requeue_run("r")
@@ -561,7 +1296,7 @@ def test_unpersistable_value_raises_before_anything_is_written(pg_dsn: str, pg_s
             await storage.create_run(new_run("r", value={"bad": float("nan")}))
         assert await storage.get_run("r") is None
         await storage.create_run(new_run("r"))
-        claim = await storage.claim_next_run(["wf"])
+        claim = await storage.claim_next_run(["wf"], lease_ms=LEASE)
         assert claim is not None
         with pytest.raises(SerializationError):
             await storage.update_claimed_run_status(
@@ -656,7 +1391,12 @@ def test_plugin_spec_and_configuration_errors(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv(plugin.TEST_DSN_ENV, raising=False)
     assert spec.conformance_factory is not None
     with pytest.raises(ConfigError, match="--reflow-option dsn="):
-        spec.conformance_factory(Path("."), {})
-    made = spec.conformance_factory(Path("."), {"dsn": "postgresql://localhost/db"})
+        spec.conformance_factory(Path("."), {}, clock=Clock())
+    clock = Clock()
+    made = spec.conformance_factory(Path("."), {"dsn": "postgresql://localhost/db"}, clock=clock)
     assert isinstance(made, PostgresStorage)
     assert made.schema.startswith("reflow_test_")
+    assert made._now() == clock.now  # the kit's clock is the statements' "now"
+    clock.now += 5
+    assert made._now() == clock.now
+    assert PostgresStorage("postgresql://localhost/db")._now() is None  # the server's
