@@ -16,7 +16,12 @@ from datetime import timedelta
 
 from reflow_core.errors import ConfigError
 
-__all__ = ["Duration", "to_millis", "to_seconds"]
+__all__ = ["MAX_DURATION_S", "Duration", "to_millis", "to_seconds"]
+
+MAX_DURATION_S = 100 * 365.25 * 86400
+"""The longest duration accepted anywhere (a century): a sleep, a timeout or an interval
+beyond it is a mistake, and a deadline computed from it must still fit every store's
+integer milliseconds."""
 
 Duration = float | int | str | timedelta
 """Seconds as a number, a ``timedelta``, or a string with a unit (ms, s, m, h, d, w)."""
@@ -33,7 +38,10 @@ def to_seconds(value: Duration, *, what: str = "duration", allow_zero: bool = Tr
     if isinstance(value, timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float: far past the limit
+            seconds = MAX_DURATION_S * 2
     elif isinstance(value, str):
         match = _PATTERN.match(value)
         if match is None:
@@ -47,6 +55,11 @@ def to_seconds(value: Duration, *, what: str = "duration", allow_zero: bool = Tr
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         bound = "non-negative" if allow_zero else "positive"
         raise ConfigError(f"invalid {what} {value!r}: must be a finite, {bound} duration")
+    if seconds > MAX_DURATION_S:
+        raise ConfigError(
+            f"invalid {what} {value!r}: longer than the limit of 100 years "
+            f"({MAX_DURATION_S:.0f}s)"
+        )
     return seconds
 
 

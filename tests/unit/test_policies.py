@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -13,6 +14,7 @@ from reflow_core import (
     RetryPolicy,
     SerializationError,
     StepTimeoutError,
+    Workflow,
 )
 from reflow_core.durations import to_millis, to_seconds
 
@@ -107,3 +109,14 @@ def test_duration_forms_and_errors() -> None:
             to_seconds(bad)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="positive"):
         to_seconds(0, allow_zero=False)
+
+
+@pytest.mark.parametrize("huge", [1e17, 10**30, 10**400, "99999999w", timedelta(days=40_000)])
+def test_durations_beyond_a_century_are_refused_at_definition(huge: object) -> None:
+    with pytest.raises(ConfigError, match="100 years"):
+        to_seconds(huge)  # type: ignore[arg-type]
+    wf: Workflow[Any] = Workflow("w")
+    with pytest.raises(ConfigError, match="100 years"):
+        wf.sleep("nap", huge)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="100 years"):
+        wf.wait_for_event("ev", timeout=huge)  # type: ignore[arg-type]
