@@ -4,27 +4,39 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from reflow_core.context import CancelSignal, EarlyCompletion, StepContext
 from reflow_core.errors import ControlFlow, StepInterruptedError, StepTimeoutError
+from reflow_core.execution.run import describe_error
+from reflow_core.types import StepStatus
 from reflow_core.workflow import StepUnit
 
 if TYPE_CHECKING:
     from reflow_core.execution.run import RunExecution
 
-__all__ = ["AttemptResult", "engine_cancelled", "run_attempts"]
+__all__ = ["DURABLE_BACKOFF_S", "AttemptResult", "engine_cancelled", "run_attempts"]
+
+
+DURABLE_BACKOFF_S = 1.0
+"""A wait before the next attempt longer than this is not spent holding a slot and a
+lease: the step's row stores the attempt count and when the next attempt is due, the run
+sleeps in storage, and whichever worker claims it when due makes the next attempt."""
 
 
 @dataclass(slots=True)
 class AttemptResult:
-    """How a step's attempts ended: a value, an early completion, or an error."""
+    """How a step's attempts ended: a value, an early completion, an error, or a retry
+    scheduled for later (``retry_at``, the store's clock, which read ``now``)."""
 
     attempts: int
     value: Any = None
     error: BaseException | None = None
     early: bool = False
+    retry_at: int | None = None
+    now: int = 0
 
 
 async def _invoke(ex: RunExecution, unit: StepUnit, ctx: StepContext[Any]) -> Any:
@@ -98,16 +110,27 @@ async def _attempt(
 
 
 async def run_attempts(
-    ex: RunExecution, unit: StepUnit, *, scope: set[CancelSignal] | None = None
+    ex: RunExecution,
+    unit: StepUnit,
+    *,
+    scope: set[CancelSignal] | None = None,
+    may_suspend: bool = True,
 ) -> AttemptResult:
     """Run ``unit`` until it succeeds, completes early, or its retry policy gives up.
+
+    Attempts are durable: each failed attempt that will be retried is recorded on the
+    step's row (``running``, its count and error) before the wait, and counting resumes
+    from that row after a crash. A wait longer than :data:`DURABLE_BACKOFF_S` is left to
+    storage when ``may_suspend`` (the result carries ``retry_at``; the caller suspends
+    the run); parallel branches, which cannot suspend alone, wait in place.
 
     Control-flow errors (cancel, lease loss, stop) and task cancellation propagate: they
     end the run's execution, not the step. ``scope`` receives the current attempt's
     signal too, so a caller can stop just this step (a parallel group cancelling the
     siblings of a failed branch) without aborting the whole run.
     """
-    attempt = 0
+    row = ex.rows.get(unit.name)
+    attempt = row.attempts if row is not None and row.status is StepStatus.RUNNING else 0
     while True:
         attempt += 1
         try:
@@ -134,6 +157,15 @@ async def run_attempts(
             decision = unit.retry.decide(attempt, error)
             if not decision.retry:
                 return AttemptResult(attempts=attempt, error=error)
+            info = describe_error(error, unit.name)
+            if may_suspend and decision.delay > DURABLE_BACKOFF_S:
+                now = await ex.storage.now()
+                retry_at = now + math.ceil(decision.delay * 1000)
+                await ex.save(
+                    unit.name, StepStatus.RUNNING, error=info, attempts=attempt, wake_at=retry_at
+                )
+                return AttemptResult(attempts=attempt, retry_at=retry_at, now=now)
+            await ex.save(unit.name, StepStatus.RUNNING, error=info, attempts=attempt)
             if decision.delay > 0:
                 await asyncio.sleep(decision.delay)
         else:

@@ -80,7 +80,7 @@ async def _fail(
 
 async def _execute_branch(ex: RunExecution, group: _Group, unit: StepUnit) -> _Output | None:
     """Run one branch and checkpoint it; ``None`` if it failed."""
-    result = await run_attempts(ex, unit, scope=group.scopes[unit.name])
+    result = await run_attempts(ex, unit, scope=group.scopes[unit.name], may_suspend=False)
     error: BaseException | None = result.error
     if error is None and result.early:
         error = ConfigError(

@@ -16,6 +16,7 @@ from reflow_core.errors import (
 from reflow_core.events import StepCompleted, StepSkipped, StepStarted
 from reflow_core.execution.attempts import engine_cancelled, run_attempts
 from reflow_core.execution.run import Outcome, RunExecution, describe_error, executor
+from reflow_core.execution.sleep import suspend_until
 from reflow_core.types import StepStatus
 from reflow_core.workflow import StepUnit
 
@@ -86,9 +87,16 @@ async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = Tr
             return Outcome.PASS
         # Stored both ways, before the step runs.
         await ex.save(unit.name, StepStatus.RUNNING)
+    row = ex.rows.get(unit.name)
+    if row is not None and row.status is StepStatus.RUNNING and row.wake_at is not None:
+        now = await ex.storage.now()
+        if row.wake_at > now:  # claimed before its next attempt is due: sleep on
+            return await suspend_until(ex, row.wake_at, now)
     if announce and observers.listening:
         await observers.emit(StepStarted(run_id=run.id, workflow=run.workflow, step=unit.name))
     result = await run_attempts(ex, unit)
+    if result.retry_at is not None:
+        return await suspend_until(ex, result.retry_at, result.now)
     if result.error is None:
         try:
             plain = codec.to_plain(result.value, unit.output_type)

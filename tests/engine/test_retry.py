@@ -7,7 +7,7 @@ import itertools
 import threading
 from typing import Any
 
-from helpers import run
+from helpers import FakeClock, run
 
 from reflow_core import (
     Engine,
@@ -181,3 +181,48 @@ def test_heartbeat_errors_do_not_fail_a_run_within_its_lease(storage_factory: An
     )
     assert view.run.status is RunStatus.COMPLETED
     assert len(errors) >= 3
+
+
+def test_a_long_backoff_is_spent_asleep_in_storage_and_the_count_survives(
+    storage_factory: Any, clock: FakeClock
+) -> None:
+    """A retry wait longer than DURABLE_BACKOFF_S releases the lease; the step's row keeps
+    the attempt count, the last error and when the next attempt is due; a different
+    engine (another worker, after a crash) makes the next attempt with the next number."""
+    wf: Workflow[Any] = Workflow("patient")
+    attempts: list[int] = []
+
+    @wf.step(retry=RetryPolicy(max_attempts=3, backoff="fixed", initial_delay=60))
+    def call_api(ctx: StepContext[Any]) -> str:
+        attempts.append(ctx.attempt)
+        if ctx.attempt < 3:
+            raise ConnectionError(f"attempt {ctx.attempt} failed")
+        return "finally"
+
+    async def scenario() -> None:
+        storage = storage_factory(clock=clock)
+        engines = [Engine(storage, [wf], clock=clock, use_plugins=False) for _ in range(3)]
+        try:
+            run_ = await engines[0].enqueue(wf)
+            for number, engine in enumerate(engines, start=1):
+                await engine.run_until_idle()
+                view = await engine.get_run(run_.id)
+                assert view is not None
+                [row] = view.steps
+                if number < 3:
+                    assert view.run.status is RunStatus.SLEEPING  # no lease, no slot held
+                    assert view.run.holder is None
+                    assert (row.status, row.attempts) == (StepStatus.RUNNING, number)
+                    assert row.error is not None and f"attempt {number} failed" in row.error.message
+                    assert row.wake_at == view.run.wake_at == clock() + 60_000
+                    assert await engine.run_until_idle() == 0  # not due yet
+                    clock.advance(60)
+            assert view.run.status is RunStatus.COMPLETED
+            assert (row.status, row.attempts, row.error) == (StepStatus.COMPLETED, 3, None)
+        finally:
+            for engine in engines:
+                await engine.stop()
+            await storage.close()
+
+    run(scenario())
+    assert attempts == [1, 2, 3]
