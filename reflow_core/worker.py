@@ -208,16 +208,10 @@ class RunLogger:
 
     @hookimpl
     def reflow_run_failed(self, event: RunFailed) -> None:
-        """Log a failure: where, after how long, and why."""
-        error = event.error
-        log.warning(
-            "run %s (%s) failed at step %s after %s: %s: %s",
-            event.run_id,
-            event.workflow,
-            error.step or "?",
-            self._took(event.run_id),
-            error.type,
-            error.message,
+        """The engine logs the failure itself (logger ``reflow.runs``): only the
+        duration is added here, at debug level, so a failure is not logged twice."""
+        log.debug(
+            "run %s (%s) failed after %s", event.run_id, event.workflow, self._took(event.run_id)
         )
 
 

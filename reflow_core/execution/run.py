@@ -36,7 +36,10 @@ from reflow_core.workflow import FailureContext, Workflow
 
 __all__ = ["Outcome", "RunExecution", "describe_error", "step_id"]
 
-log = logging.getLogger("reflow")
+log = logging.getLogger("reflow.runs")
+"""One record per run outcome this engine saw, with ``run_id``, ``workflow`` and
+``step`` as ``extra`` fields: failures and lost leases at WARNING, cancellations and
+releases at INFO, completions at DEBUG. Embedded engines log the same as workers."""
 
 
 def step_id(run_id: str, name: str) -> str:
@@ -268,6 +271,7 @@ class RunExecution:
         )
         if not stored:
             raise LeaseExpiredError(self.run.id)
+        self._log(logging.DEBUG, "run %s (%s) completed")
         observers = self.runtime.observers
         if observers.listening:
             await observers.emit(
@@ -299,6 +303,14 @@ class RunExecution:
         )
         if not stored:
             raise LeaseExpiredError(self.run.id)
+        self._log(
+            logging.WARNING,
+            "run %s (%s) failed at step %s: %s: %s",
+            error.step or "-",
+            error.type,
+            error.message,
+            step=error.step,
+        )
         observers = self.runtime.observers
         if observers.listening:
             await observers.emit(
@@ -315,7 +327,11 @@ class RunExecution:
         if isinstance(reason, EngineStoppedError):
             await self.active.thread_settled()
             if self.active.fenced():
-                log.warning("run %s: lease fence passed while stopping; not released", self.run.id)
+                self._log(
+                    logging.WARNING,
+                    "run %s (%s): its lease fence passed while the engine stopped; not "
+                    "released, another worker takes it over when the lease expires",
+                )
                 return
             try:
                 await self.storage.update_claimed_run_status(
@@ -323,9 +339,37 @@ class RunExecution:
                 )
             except Exception as exc:
                 await self.runtime.observers.error(exc)
+                return
+            self._log(logging.INFO, "run %s (%s): engine stopping; released for another worker")
         elif isinstance(reason, LeaseExpiredError):
-            # Nothing to write: the run is not ours to write any more. Say so, or an
-            # operator cannot tell why this worker dropped it.
-            log.warning("%s; stopped executing it without writing", reason)
+            # Nothing to write: the run is not ours to write any more. Say what really
+            # happened, or an operator cannot tell why this worker dropped it.
+            if await self._was_cancelled():
+                self._log(logging.INFO, "run %s (%s) was cancelled; stopped executing it")
+            else:
+                log.warning(
+                    "%s; stopped executing it without writing",
+                    reason,
+                    extra={"run_id": self.run.id, "workflow": self.run.workflow, "step": None},
+                )
         elif isinstance(reason, RunCancelledError):
-            log.info("run %s was cancelled; stopped executing it", self.run.id)
+            self._log(logging.INFO, "run %s (%s) was cancelled; stopped executing it")
+
+    async def _was_cancelled(self) -> bool:
+        """Whether a refused write was refused because the run was cancelled meanwhile."""
+        try:
+            async with asyncio.timeout(self.runtime.lease.heartbeat_every):
+                run = await self.storage.get_run(self.run.id)
+        except Exception:
+            return False
+        return run is not None and run.status is RunStatus.CANCELLED
+
+    def _log(self, level: int, message: str, *args: object, step: str | None = None) -> None:
+        log.log(
+            level,
+            message,
+            self.run.id,
+            self.run.workflow,
+            *args,
+            extra={"run_id": self.run.id, "workflow": self.run.workflow, "step": step},
+        )

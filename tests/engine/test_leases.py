@@ -10,6 +10,7 @@ observable event with a bound, never a fixed sleep standing in for synchronisati
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import threading
@@ -419,3 +420,48 @@ def test_invalid_recovery_caps_are_refused() -> None:
     for bad in (-1, 1.5, True, 10_001):
         with pytest.raises(ConfigError, match="max_recoveries"):
             Workflow("w", max_recoveries=bad)  # type: ignore[arg-type]
+
+
+def test_run_outcomes_are_logged_by_an_embedded_engine(
+    storage_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An Engine inside an application (no `reflow worker`) still logs a failed run, on the
+    named logger, with structured fields; a cancellation is logged as a cancellation."""
+    wf: Workflow[Any] = Workflow("logged")
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+
+    @wf.step
+    async def first(ctx: StepContext[Any]) -> None:
+        if ctx.input == "wait":
+            entered.set()
+            await gate.wait()
+        if ctx.input == "fail":
+            raise ValueError("bad input")
+
+    async def scenario() -> None:
+        storage = storage_factory()
+        engine = Engine(storage, [wf], use_plugins=False)
+        try:
+            failing = await engine.enqueue(wf, "fail")
+            waiting = await engine.enqueue(wf, "wait")
+            await engine.start()
+            await engine.wait_for(failing.id, within=10)
+            await asyncio.wait_for(entered.wait(), 10)
+            assert await engine.cancel(waiting.id)
+            await engine.wait_for(waiting.id, within=10)
+        finally:
+            gate.set()
+            await engine.stop()
+            await storage.close()
+        return failing.id, waiting.id
+
+    with caplog.at_level(logging.INFO, logger="reflow.runs"):
+        failed_id, cancelled_id = run(scenario())
+    failed = [r for r in caplog.records if getattr(r, "run_id", None) == failed_id]
+    assert [(r.levelno, r.step) for r in failed] == [(logging.WARNING, "first")]  # type: ignore[attr-defined]
+    assert "failed at step first: ValueError: bad input" in failed[0].getMessage()
+    cancelled = [r for r in caplog.records if getattr(r, "run_id", None) == cancelled_id]
+    assert [r.getMessage() for r in cancelled] == [
+        f"run {cancelled_id} (logged) was cancelled; stopped executing it"
+    ]
