@@ -28,6 +28,7 @@ from reflow_core.errors import (
     RecoveryLimitError,
     ReflowError,
     RunCancelledError,
+    StorageError,
 )
 from reflow_core.events import RunCompleted, RunFailed, RunStarted
 from reflow_core.execution.active import FENCED, ActiveRun, Runtime
@@ -35,6 +36,9 @@ from reflow_core.types import ClaimedRun, ErrorInfo, RunStatus, StepResult, Step
 from reflow_core.workflow import FailureContext, Workflow
 
 __all__ = ["Outcome", "RunExecution", "describe_error", "step_id"]
+
+_RETRY_FIRST_S = 0.05
+_RETRY_MAX_S = 2.0
 
 log = logging.getLogger("reflow.runs")
 """One record per run outcome this engine saw, with ``run_id``, ``workflow`` and
@@ -165,8 +169,21 @@ class RunExecution:
         row = self.step_row(
             name, status, output=output, error=error, attempts=attempts, wake_at=wake_at
         )
-        self.guard()
-        if not await self.storage.save_step_result(row, self.lease_id):
+
+
+        async def landed() -> bool:
+            stored = await self.storage.get_step_results(self.run.id)
+            return any(
+                r.id == row.id
+                and r.status == row.status
+                and r.attempts == row.attempts
+                and codec.canonical(r.output) == codec.canonical(row.output)
+                for r in stored
+            )
+
+        if not await self.retrying(
+            "save_step_result", lambda: self.storage.save_step_result(row, self.lease_id), landed
+        ):
             raise LeaseExpiredError(
                 self.run.id,
                 f"the store refused the checkpoint of {name!r} (the lease is no longer held, "
@@ -174,6 +191,47 @@ class RunExecution:
             )
         self.rows[name] = row
         return row
+
+    async def retrying(
+        self,
+        operation: str,
+        call: Callable[[], Awaitable[bool]],
+        landed: Callable[[], Awaitable[bool]],
+    ) -> bool:
+        """A lease-checked write, retried with backoff while a transient ``StorageError``
+        lasts and the lease fence allows, instead of abandoning the run at the first one.
+
+        A write that raised may still have been applied (the answer was lost, not the
+        commit), so a retry answered ``False`` after an error asks ``landed`` whether the
+        first attempt's effect is in storage before calling the lease lost.
+        """
+        loop = asyncio.get_running_loop()
+        delay = _RETRY_FIRST_S
+        failed = False
+        while True:
+            self.guard()
+            try:
+                written = await call()
+            except StorageError as exc:
+                if loop.time() + delay >= self.active.deadline:
+                    raise
+                if not failed:
+                    self._log(
+                        logging.WARNING,
+                        "run %s (%s): %s failed (%s); retrying within the lease",
+                        operation,
+                        exc,
+                    )
+                failed = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_S)
+                continue
+            if not written and failed:
+                try:
+                    return await landed()
+                except StorageError:
+                    return False
+            return written
 
     def guard(self) -> None:
         """Raise :class:`LeaseExpiredError` if the lease fence has passed: no write may be
@@ -265,9 +323,12 @@ class RunExecution:
 
     async def complete(self, output: Any) -> None:
         """Store the run's output and mark it completed."""
-        self.guard()
-        stored = await self.storage.update_claimed_run_status(
-            self.run.id, self.lease_id, RunStatus.COMPLETED, output=output
+        stored = await self.retrying(
+            "update_claimed_run_status",
+            lambda: self.storage.update_claimed_run_status(
+                self.run.id, self.lease_id, RunStatus.COMPLETED, output=output
+            ),
+            lambda: self._status_is(RunStatus.COMPLETED),
         )
         if not stored:
             raise LeaseExpiredError(self.run.id)
@@ -297,9 +358,12 @@ class RunExecution:
                 raise
             except Exception as exc:
                 await self.runtime.observers.error(HookError("on_failure handler", exc))
-        self.guard()
-        stored = await self.storage.update_claimed_run_status(
-            self.run.id, self.lease_id, RunStatus.FAILED, error=error
+        stored = await self.retrying(
+            "update_claimed_run_status",
+            lambda: self.storage.update_claimed_run_status(
+                self.run.id, self.lease_id, RunStatus.FAILED, error=error
+            ),
+            lambda: self._status_is(RunStatus.FAILED),
         )
         if not stored:
             raise LeaseExpiredError(self.run.id)
@@ -354,6 +418,10 @@ class RunExecution:
                 )
         elif isinstance(reason, RunCancelledError):
             self._log(logging.INFO, "run %s (%s) was cancelled; stopped executing it")
+
+    async def _status_is(self, status: RunStatus) -> bool:
+        run = await self.storage.get_run(self.run.id)
+        return run is not None and run.status is status
 
     async def _was_cancelled(self) -> bool:
         """Whether a refused write was refused because the run was cancelled meanwhile."""
