@@ -19,6 +19,7 @@ says what happened, to what, and what to do about it. The tree::
     ├── StepInterruptedError         STEP_INTERRUPTED   a step raised SystemExit, CancelledError
     ├── StepFailedError              STEP_FAILED
     ├── RecoveryLimitError           RECOVERY_LIMIT     a run's worker died too often
+    ├── DamagedValueError            DAMAGED_VALUE      a stored value cannot be decoded
     ├── WaitTimeoutError             WAIT_TIMEOUT
     ├── HookError                    HOOK               a hook or on-failure handler raised
     └── ControlFlow                  (never a run's failure: the run is left to its owner)
@@ -46,6 +47,7 @@ __all__ = [
     "ReflowError",
     "RunCancelledError",
     "SerializationError",
+    "DamagedValueError",
     "RecoveryLimitError",
     "StepFailedError",
     "StepInterruptedError",
@@ -191,6 +193,22 @@ class StepInterruptedError(ReflowError):
         super().__init__(f"step {step!r} raised {name}{detail}")
         self.step = step
         self.error = error
+
+
+class DamagedValueError(ReflowError):
+    """A value stored for a run cannot be decoded: a damaged row, or one written by a
+    newer version of Reflow. The run fails naming the value; other runs are unaffected."""
+
+    code = "DAMAGED_VALUE"
+
+    def __init__(self, run_id: str, what: str, error: str) -> None:
+        super().__init__(
+            f"{what} of run {run_id} cannot be decoded ({error}); the stored row is damaged "
+            "or was written by a newer version. Inspect it with `reflow runs show`, repair "
+            "or delete it; other runs are unaffected"
+        )
+        self.run_id = run_id
+        self.what = what
 
 
 class RecoveryLimitError(ReflowError):

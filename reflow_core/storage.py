@@ -19,6 +19,11 @@ Rules that apply to every method:
   as plain Python values and must come back equal and of the same type; adapters
   persist them with :mod:`reflow_core.codec`, which rejects what it cannot store
   exactly with ``SerializationError`` *before* anything is written.
+* **A damaged value never blocks anything.** A stored value that cannot be decoded (a
+  damaged row, or one written by a newer version) is returned as a
+  :class:`~reflow_core.types.DamagedValue` in its place, never raised: read it with
+  :func:`reflow_core.damage.decode_stored`. A claim still returns such a run (the engine
+  fails it, naming the value), and listings still list it.
 * A driver exception never escapes: it becomes ``StorageError`` naming the
   operation, with the driver's exception as ``__cause__``. A failed call leaves
   stored state as it was (no half-written run, step or schedule).

@@ -18,6 +18,7 @@ __all__ = [
     "ClaimedSchedule",
     "ConsumeResult",
     "CreateRunResult",
+    "DamagedValue",
     "ErrorInfo",
     "EventRecord",
     "LeaseHolder",
@@ -178,6 +179,19 @@ class StepResult(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: int
     wake_at: int | None = None
     """Deadline of a sleeping or waiting step; stored so a reclaim never restarts the clock."""
+
+
+class DamagedValue(msgspec.Struct, frozen=True, kw_only=True):
+    """Stands in for a stored value that cannot be decoded (a damaged row, or one written
+    by a newer version): adapters return it in the value's place instead of raising, so
+    one bad row never blocks a claim or a listing. The engine fails the run that holds
+    it, naming the value; everything else carries on.
+    """
+
+    error: str
+    """Why decoding failed."""
+    stored: str
+    """The start of the stored text, for a human to look at."""
 
 
 class EventRecord(msgspec.Struct, frozen=True):

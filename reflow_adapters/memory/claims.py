@@ -21,7 +21,7 @@ import heapq
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from reflow_core import codec
+from reflow_core.damage import decode_stored
 from reflow_core.types import ErrorInfo, LeaseHolder, RunStatus, WorkflowRun
 
 __all__ = ["ClaimIndex", "RunRow", "claimable"]
@@ -88,12 +88,12 @@ class RunRow:
         return WorkflowRun(
             id=self.id,
             workflow=self.workflow,
-            input=None if self.input is None else codec.decode(self.input),
+            input=None if self.input is None else decode_stored(self.input),
             status=self.status,
             created_at=self.created_at,
             updated_at=self.updated_at,
             idempotency_key=self.idempotency_key,
-            output=None if self.output is None else codec.decode(self.output),
+            output=None if self.output is None else decode_stored(self.output),
             error=self.error,
             wake_at=self.wake_at,
             waiting_for=self.waiting_for,

@@ -11,7 +11,7 @@ from collections.abc import Collection
 
 import msgspec
 
-from reflow_core import codec
+from reflow_core.damage import decode_stored
 from reflow_core.schedule import next_fire_time
 from reflow_core.types import ClaimedSchedule, Schedule
 
@@ -19,7 +19,7 @@ __all__ = ["ScheduleTable"]
 
 
 def _out(schedule: Schedule, data: bytes | None) -> Schedule:
-    return msgspec.structs.replace(schedule, input=None if data is None else codec.decode(data))
+    return msgspec.structs.replace(schedule, input=None if data is None else decode_stored(data))
 
 
 class ScheduleTable:

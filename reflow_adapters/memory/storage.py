@@ -33,6 +33,7 @@ from reflow_adapters.memory.events import EventBuffers
 from reflow_adapters.memory.schedules import ScheduleTable
 from reflow_adapters.memory.steps import StepTable
 from reflow_core import codec
+from reflow_core.damage import decode_stored
 from reflow_core.errors import StorageError
 from reflow_core.storage import Clock, system_clock
 from reflow_core.types import (
@@ -64,7 +65,7 @@ def _enc(value: Any) -> bytes | None:
 
 
 def _dec(data: bytes | None) -> Any:
-    return None if data is None else codec.decode(data)
+    return None if data is None else decode_stored(data)
 
 
 class MemoryStorage:

@@ -5,6 +5,10 @@ store untouched. ``ErrorInfo``, ``LeaseHolder`` and ``Recurrence`` are msgspec S
 with a fixed shape, stored as msgspec JSON (a fixed field order, which
 ``upsert_schedule`` relies on to compare recurrences as text; an operator reads a
 holder with ``holder->>'host'``).
+
+Reading never raises on a damaged value: a value that cannot be decoded comes back as
+:class:`~reflow_core.types.DamagedValue` (the engine fails that run, naming it), and a
+damaged error or holder as a readable stand-in, so one bad row blocks no claim or list.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import msgspec
 from psycopg.rows import DictRow
 
 from reflow_core import codec
+from reflow_core.damage import decode_stored
 from reflow_core.types import (
     ErrorInfo,
     LeaseHolder,
@@ -31,6 +36,7 @@ __all__ = [
     "dump_holder",
     "dump_recurrence",
     "dump_value",
+    "load_value",
     "to_run",
     "to_schedule",
     "to_step",
@@ -44,7 +50,7 @@ def dump_value(value: Any) -> str:
 
 def load_value(text: str | None) -> Any:
     """The value a json column holds; SQL NULL (an unset output) is ``None``."""
-    return None if text is None else codec.decode(text)
+    return None if text is None else decode_stored(text)
 
 
 def dump_error(error: ErrorInfo | None) -> str | None:
@@ -53,7 +59,12 @@ def dump_error(error: ErrorInfo | None) -> str | None:
 
 
 def _load_error(text: str | None) -> ErrorInfo | None:
-    return None if text is None else msgspec.json.decode(text, type=ErrorInfo)
+    if text is None:
+        return None
+    try:
+        return msgspec.json.decode(text, type=ErrorInfo)
+    except msgspec.DecodeError as exc:
+        return ErrorInfo(type="reflow.DamagedValue", message=f"stored error unreadable: {exc}")
 
 
 def dump_holder(holder: LeaseHolder | None) -> str | None:
@@ -62,7 +73,12 @@ def dump_holder(holder: LeaseHolder | None) -> str | None:
 
 
 def _load_holder(text: str | None) -> LeaseHolder | None:
-    return None if text is None else msgspec.json.decode(text, type=LeaseHolder)
+    if text is None:
+        return None
+    try:
+        return msgspec.json.decode(text, type=LeaseHolder)
+    except msgspec.DecodeError:
+        return None  # informational only: a damaged holder must not hide the run
 
 
 def dump_recurrence(recurrence: Recurrence) -> str:
@@ -75,7 +91,7 @@ def to_run(row: DictRow) -> WorkflowRun:
     return WorkflowRun(
         id=row["id"],
         workflow=row["workflow"],
-        input=codec.decode(row["input"]),
+        input=decode_stored(row["input"]),
         status=RunStatus(row["status"]),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
@@ -115,7 +131,7 @@ def to_schedule(row: DictRow) -> Schedule:
     return Schedule(
         key=row["key"],
         workflow=row["workflow"],
-        input=codec.decode(row["input"]),
+        input=decode_stored(row["input"]),
         recurrence=msgspec.json.decode(row["recurrence"], type=Recurrence),
         next_run_at=row["next_run_at"],
         created_at=row["created_at"],

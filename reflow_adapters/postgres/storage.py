@@ -45,7 +45,6 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.string import TextLoader
 
-from reflow_core import codec
 from reflow_core.errors import ConfigError, StorageError
 from reflow_core.schedule import next_fire_time
 from reflow_core.storage import Clock
@@ -72,6 +71,7 @@ from .records import (
     dump_holder,
     dump_recurrence,
     dump_value,
+    load_value,
     to_run,
     to_schedule,
     to_step,
@@ -571,7 +571,7 @@ class PostgresStorage:
         params = {"id": run_id, "event_name": event_name}
         row = await self._fetch_one("take_event", _q("take_event"), params)
         return (
-            None if row is None else EventRecord(codec.decode(row["payload"]), row["delivered_at"])
+            None if row is None else EventRecord(load_value(row["payload"]), row["delivered_at"])
         )
 
     async def consume_event(
@@ -628,7 +628,7 @@ class PostgresStorage:
                     )
         except _KeptFinalRow:  # the transaction rolled back: nothing consumed
             return ConsumeResult(held=False)
-        event = EventRecord(codec.decode(row["payload"]), row["delivered_at"])
+        event = EventRecord(load_value(row["payload"]), row["delivered_at"])
         return ConsumeResult(held=True, event=event)
 
     # -- schedules --------------------------------------------------------------------

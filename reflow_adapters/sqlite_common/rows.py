@@ -16,6 +16,7 @@ import msgspec
 
 from reflow_adapters.sqlite_common.driver import Row
 from reflow_core import codec
+from reflow_core.damage import decode_stored
 from reflow_core.types import (
     ErrorInfo,
     LeaseHolder,
@@ -53,8 +54,10 @@ def value_text(value: Any) -> str:
 
 
 def value_from_text(text: str | None) -> Any:
-    """A stored value back as the Python value (SQL NULL is None)."""
-    return None if text is None else codec.decode(text)
+    """A stored value back as the Python value (SQL NULL is None); a value that cannot be
+    decoded comes back as ``DamagedValue``, never an exception, so one damaged row cannot
+    block a claim or a listing (the engine fails that run, naming the value)."""
+    return None if text is None else decode_stored(text)
 
 
 def error_text(error: ErrorInfo | None) -> str | None:
@@ -63,7 +66,12 @@ def error_text(error: ErrorInfo | None) -> str | None:
 
 
 def _error(text: str | None) -> ErrorInfo | None:
-    return None if text is None else _error_decoder.decode(text)
+    if text is None:
+        return None
+    try:
+        return _error_decoder.decode(text)
+    except msgspec.DecodeError as exc:
+        return ErrorInfo(type="reflow.DamagedValue", message=f"stored error unreadable: {exc}")
 
 
 def holder_text(holder: LeaseHolder | None) -> str | None:
@@ -72,7 +80,12 @@ def holder_text(holder: LeaseHolder | None) -> str | None:
 
 
 def _holder(text: str | None) -> LeaseHolder | None:
-    return None if text is None else _holder_decoder.decode(text)
+    if text is None:
+        return None
+    try:
+        return _holder_decoder.decode(text)
+    except msgspec.DecodeError:
+        return None  # informational only: a damaged holder must not hide the run
 
 
 def recurrence_text(recurrence: Recurrence) -> str:

@@ -22,6 +22,7 @@ from reflow_core import codec
 from reflow_core.context import CancelSignal, StepContext, StepOutputs
 from reflow_core.errors import (
     ControlFlow,
+    DamagedValueError,
     EngineStoppedError,
     HookError,
     LeaseExpiredError,
@@ -32,7 +33,14 @@ from reflow_core.errors import (
 )
 from reflow_core.events import RunCompleted, RunFailed, RunStarted
 from reflow_core.execution.active import FENCED, ActiveRun, Runtime
-from reflow_core.types import ClaimedRun, ErrorInfo, RunStatus, StepResult, StepStatus
+from reflow_core.types import (
+    ClaimedRun,
+    DamagedValue,
+    ErrorInfo,
+    RunStatus,
+    StepResult,
+    StepStatus,
+)
 from reflow_core.workflow import FailureContext, Workflow
 
 __all__ = ["Outcome", "RunExecution", "describe_error", "step_id"]
@@ -170,7 +178,6 @@ class RunExecution:
             name, status, output=output, error=error, attempts=attempts, wake_at=wake_at
         )
 
-
         async def landed() -> bool:
             stored = await self.storage.get_step_results(self.run.id)
             return any(
@@ -294,6 +301,10 @@ class RunExecution:
         if self.run.recoveries > self.workflow.max_recoveries:
             await self.fail(self._crash_loop())
             return
+        damage = self._damage()
+        if damage is not None:
+            await self.fail(damage)
+            return
         try:
             self.input = self.workflow.load_input(self.run.input)
         except ReflowError as exc:
@@ -313,6 +324,17 @@ class RunExecution:
                 await self.fail(self.failure)
                 return
         await self.complete(self.plain_output(self.prev_name))
+
+    def _damage(self) -> ErrorInfo | None:
+        """The failure of a run whose input or a stored step output cannot be decoded."""
+        if isinstance(self.run.input, DamagedValue):
+            error = DamagedValueError(self.run.id, "the input", self.run.input.error)
+            return describe_error(error)
+        for name, row in self.rows.items():
+            if isinstance(row.output, DamagedValue):
+                what = f"the stored output of step {name!r}"
+                return describe_error(DamagedValueError(self.run.id, what, row.output.error), name)
+        return None
 
     def _crash_loop(self) -> ErrorInfo:
         """The failure of a run taken over from an expired lease once too often."""

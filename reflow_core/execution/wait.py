@@ -21,6 +21,7 @@ import msgspec
 from reflow_core import codec
 from reflow_core.errors import (
     ConfigError,
+    DamagedValueError,
     LeaseExpiredError,
     SerializationError,
     ValidationError,
@@ -28,7 +29,7 @@ from reflow_core.errors import (
 )
 from reflow_core.events import StepCompleted, StepStarted
 from reflow_core.execution.run import Outcome, RunExecution, describe_error, executor
-from reflow_core.types import StepStatus
+from reflow_core.types import DamagedValue, StepStatus
 from reflow_core.workflow import NO_DEFAULT, WaitUnit, Workflow
 
 __all__ = ["event_payload", "run_wait"]
@@ -80,6 +81,10 @@ async def _consume(ex: RunExecution, unit: WaitUnit) -> Outcome | None:
         return None
     plain = result.event.payload
     ex.rows[unit.name] = msgspec.structs.replace(checkpoint, output=plain)
+    if isinstance(plain, DamagedValue):
+        what = f"the payload of event {unit.name!r}"
+        ex.failure = describe_error(DamagedValueError(ex.run.id, what, plain.error), unit.name)
+        return Outcome.FAIL
     return await _completed(ex, unit, plain)
 
 
