@@ -28,7 +28,6 @@ from reflow_core import (
     StepContext,
     StepResult,
     StepStatus,
-    StorageError,
     Workflow,
 )
 
@@ -258,7 +257,8 @@ class FailOnce:
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
         if not self.failed and result.name == self.step and result.status is StepStatus.COMPLETED:
             self.failed = True
-            raise StorageError("save_step_result", "the worker died here")
+            # Not a StorageError (those are retried): the execution ends right here.
+            raise RuntimeError("the worker died here")
         saved: bool = await self._inner.save_step_result(result, lease_id)
         return saved
 
