@@ -128,7 +128,22 @@ def build_cli() -> click.Group:
 
         sys.exit(run_demo(db, keep=keep))
 
-    @cli.command()
+    class OneLineUsageError(click.ClickException):
+        exit_code = 2
+
+    class WorkerCommand(click.Command):
+        """Reports a bad option on one line with exit code 2, like every other reason a
+        worker cannot start (see :mod:`reflow_core.worker`), not click's usage text."""
+
+        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+            try:
+                return super().parse_args(ctx, args)
+            except click.UsageError as exc:
+                raise OneLineUsageError(
+                    f"{exc.format_message()} (see 'reflow worker --help')"
+                ) from None
+
+    @cli.command(cls=WorkerCommand)
     @click.argument("target", metavar="MODULE:ATTR")
     @click.option("--storage", metavar="URL", help="Storage URL (default: $REFLOW_STORAGE).")
     @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True)
@@ -163,6 +178,9 @@ def build_cli() -> click.Group:
 
         MODULE:ATTR names an Engine, a Workflow, a list of Workflows, or a function
         returning one of those. Workflows need --storage (or $REFLOW_STORAGE).
+
+        A worker that cannot start (bad target, option or storage) prints one line
+        saying why and exits with code 2; it is not restarted.
         """
         from reflow_core import worker as worker_module
 

@@ -13,6 +13,12 @@ the target itself; with ``processes > 1`` a supervisor starts ``python -m
 reflow_core.worker`` children, forwards SIGTERM/SIGINT to them, and restarts one that
 crashes (with backoff).
 
+A worker that cannot start (a bad target or option, an unusable storage: anything that
+fails before its "worker ready" line) logs one line saying what failed and what to do,
+and exits with :data:`CONFIG_EXIT` (2); ``--log-level debug`` adds the traceback. The
+supervisor checks the same things once before it starts any child, and a child that
+still exits 2 is not restarted: the fleet stops and exits 2.
+
 Shutdown on SIGTERM or SIGINT: the engine stops claiming, running steps get ``grace``
 seconds to finish, and then the runs still executing are stopped and their leases
 released so another worker resumes them at once. An ``async`` step is interrupted at
@@ -31,6 +37,7 @@ import contextlib
 import importlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -38,24 +45,54 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, NoReturn
+from urllib.parse import unquote, urlsplit, urlunsplit
 
+from reflow_core.durations import to_seconds
 from reflow_core.engine import Engine
-from reflow_core.errors import ConfigError
+from reflow_core.errors import (
+    AdapterError,
+    AdapterNotFoundError,
+    ConfigError,
+    DuplicateWorkflowError,
+    ReflowError,
+    StorageError,
+)
 from reflow_core.events import RunCompleted, RunFailed, RunStarted, StepCompleted
 from reflow_core.hookspecs import hookimpl
 from reflow_core.lease import LeaseOptions
 from reflow_core.registry import plugin_manager
 from reflow_core.workflow import Workflow
 
-__all__ = ["RunLogger", "Supervisor", "WorkerConfig", "build_engine", "load_target", "run"]
+__all__ = [
+    "CONFIG_EXIT",
+    "RunLogger",
+    "StartupError",
+    "Supervisor",
+    "WorkerConfig",
+    "build_engine",
+    "check_options",
+    "load_target",
+    "run",
+    "start_engine",
+]
 
 log = logging.getLogger("reflow.worker")
 
 CONFIG_EXIT = 2
-"""Exit code of a worker that cannot start (bad target or options): never restarted."""
+"""Exit code of a worker that cannot start (bad target, options or storage): a worker
+that has not become ready exits with it, and the supervisor never restarts it."""
+
+
+class StartupError(Exception):
+    """The worker cannot start: its target, an option or its storage is unusable.
+
+    ``str()`` is the one line reported to the operator (what failed, for which storage
+    URL with its password hidden, and what to do); the original error is ``__cause__``.
+    Raised only before the worker is ready: a failure after that is a crash.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +126,8 @@ def load_target(spec: str) -> Engine | list[Workflow[Any]]:
     """Import ``MODULE:ATTR`` and return an engine or the workflows it names.
 
     The current directory is importable, as with ``python -m``, so ``reflow worker
-    app:flows`` finds ``./app.py``. Raises :class:`ConfigError` saying what is wrong.
+    app:flows`` finds ``./app.py``. Raises :class:`ConfigError` saying what is wrong,
+    also when importing the module or calling the factory raises.
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -99,15 +137,38 @@ def load_target(spec: str) -> Engine | list[Workflow[Any]]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import module {module_name!r}: {exc}") from exc
+        missing = getattr(exc, "name", None)
+        if missing and (module_name == missing or module_name.startswith(f"{missing}.")):
+            hint = (
+                "run the worker from the directory that holds it, or add that directory "
+                "to PYTHONPATH"
+            )
+        else:
+            hint = "install what it imports, or fix the import"
+        raise ConfigError(f"cannot import module {module_name!r}: {exc}; {hint}") from exc
+    except Exception as exc:
+        raise ConfigError(
+            f"importing module {module_name!r} raised {type(exc).__name__}: {exc}; fix the "
+            "module (--log-level debug shows the traceback)"
+        ) from exc
     obj: Any = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
+            raise ConfigError(
+                f"module {module_name!r} has no attribute {attr!r}; check the name after the colon"
+            ) from None
     if callable(obj) and not isinstance(obj, Engine | Workflow | type):
-        obj = obj()
+        try:
+            obj = obj()
+        except ConfigError as exc:
+            raise ConfigError(f"calling {spec}() failed: {exc}") from exc
+        except Exception as exc:
+            raise ConfigError(
+                f"calling {spec}() raised {type(exc).__name__}: {exc}; it must be a "
+                "zero-argument function returning an Engine or workflows"
+            ) from exc
     if isinstance(obj, Engine):
         return obj
     if isinstance(obj, Workflow):
@@ -120,10 +181,46 @@ def load_target(spec: str) -> Engine | list[Workflow[Any]]:
     )
 
 
+def check_options(config: WorkerConfig) -> None:
+    """:class:`ConfigError` naming the command-line flag of an unusable numeric option.
+
+    Checked before anything starts: ``--grace`` in particular is otherwise read only at
+    shutdown, too late to refuse it.
+    """
+    if config.concurrency is not None and (
+        isinstance(config.concurrency, bool)
+        or not isinstance(config.concurrency, int)
+        or config.concurrency < 1
+    ):
+        raise ConfigError(f"invalid --concurrency {config.concurrency!r}: must be an int >= 1")
+    if config.lease is not None:
+        to_seconds(config.lease, what="--lease", allow_zero=False)
+        try:
+            LeaseOptions(duration=config.lease)
+        except ConfigError as exc:
+            raise ConfigError(f"invalid --lease: {exc}") from None
+    if config.poll is not None:
+        to_seconds(config.poll, what="--poll", allow_zero=False)
+    to_seconds(config.grace, what="--grace")
+
+
 def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
     """The engine one worker process runs, from ``config.target`` and its options, and a
-    description of its storage for the log (a URL without its password)."""
+    description of its storage for the log (a URL without its password).
+
+    Does no I/O beyond importing the target; raises :class:`ConfigError` or
+    :class:`~reflow_core.errors.AdapterError`. :func:`start_engine` also starts it and
+    turns every failure into one :class:`StartupError` line.
+    """
+    check_options(config)
     target = load_target(config.target)
+    url = _storage_url(config, target)
+    engine = _make_engine(config, target, url)
+    return engine, _describe_storage(engine, url)
+
+
+def _storage_url(config: WorkerConfig, target: Engine | list[Workflow[Any]]) -> str | None:
+    """The storage URL the worker opens, ``None`` for an engine target (it has its own)."""
     if isinstance(target, Engine):
         given = [
             flag
@@ -140,21 +237,150 @@ def build_engine(config: WorkerConfig) -> tuple[Engine, str]:
                 f"{config.target} is an Engine, which already has its storage and settings; "
                 f"drop {', '.join(given)} or point at the workflows instead"
             )
-        return target, type(target.storage).__name__
+        return None
     storage = config.storage or os.environ.get("REFLOW_STORAGE")
     if not storage:
         raise ConfigError(
             f"{config.target} names workflows, so the worker needs a storage: pass "
             "--storage URL (e.g. sqlite:///reflow.db) or set REFLOW_STORAGE"
         )
-    engine = Engine(
-        storage,
+    return storage
+
+
+def _make_engine(
+    config: WorkerConfig, target: Engine | list[Workflow[Any]], url: str | None
+) -> Engine:
+    if isinstance(target, Engine):
+        return target
+    assert url is not None
+    return Engine(
+        url,
         target,
         concurrency=10 if config.concurrency is None else config.concurrency,
         lease=None if config.lease is None else LeaseOptions(duration=config.lease),
         poll_interval=1.0 if config.poll is None else config.poll,
     )
-    return engine, redact(storage)
+
+
+def _describe_storage(engine: Engine, url: str | None) -> str:
+    """The storage for a log line: its URL without the password, else its type."""
+    url = url or getattr(engine.storage, "url", None)
+    return redact(url) if url else type(engine.storage).__name__
+
+
+async def start_engine(config: WorkerConfig, *, run: bool = True) -> tuple[Engine, str]:
+    """Build the engine of ``config`` and start it; return it and its storage description.
+
+    With ``run=False`` only initialize (create or migrate) its storage and close it
+    again: the supervisor's check before it starts any child. Every failure, whatever
+    its kind (a bad option or target, an unknown scheme, a missing driver, a server that
+    refuses connections, a SQLite file that cannot be created, a schema that cannot be
+    migrated), is one :class:`StartupError` whose text says what to do.
+    """
+    try:
+        check_options(config)
+        target = load_target(config.target)
+        url = _storage_url(config, target)
+    except ConfigError as exc:
+        raise StartupError(_one_line(exc, config.storage)) from exc
+    try:
+        engine = _make_engine(config, target, url)
+    except DuplicateWorkflowError as exc:
+        raise StartupError(f"{config.target}: {_one_line(exc, url)}") from exc
+    except Exception as exc:  # opening the storage: unknown scheme, missing driver, bad URL
+        raise StartupError(_storage_failure(exc, url, url or "")) from exc
+    where = _describe_storage(engine, url)
+    try:
+        if run:
+            await engine.start()
+        else:
+            await engine.storage.initialize()
+    except Exception as exc:
+        await _discard(engine)
+        raise StartupError(
+            _storage_failure(exc, url or getattr(engine.storage, "url", None), where)
+        ) from exc
+    if not run:
+        await _discard(engine)
+    return engine, where
+
+
+async def _discard(engine: Engine) -> None:
+    """Stop an engine that will not run and close its storage; errors are beside the point."""
+    try:
+        await engine.stop()
+        await engine.storage.close()
+    except Exception:
+        log.debug("closing the storage after a failed start raised", exc_info=True)
+
+
+def _one_line(exc: BaseException, url: str | None = None) -> str:
+    """The text of ``exc`` on one line, passwords hidden (:func:`_scrub`). Reflow's errors
+    carry their own text; other errors are prefixed with their type."""
+    text = str(exc).strip()
+    if not isinstance(exc, ConfigError | AdapterError | StorageError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return _scrub(re.sub(r"\s*\n\s*", " ", text), url)
+
+
+def _scrub(text: str, url: str | None) -> str:
+    """``text`` with ``url`` redacted, its password hidden wherever it appears (if not
+    too short to be told from other text), and any ``password=...`` (a libpq DSN) too."""
+    if url:
+        text = text.replace(url, redact(url))
+        password = urlsplit(url).password
+        for secret in {password, unquote(password or "")}:
+            if secret and len(secret) >= 4:
+                text = text.replace(secret, "***")
+    return re.sub(r"(?i)(password\s*=\s*)('[^']*'|[^\s'\";,]+)", r"\1***", text)
+
+
+def _storage_failure(exc: BaseException, url: str | None, where: str) -> str:
+    """One line: the storage ``where`` cannot be opened, why, and what to do."""
+    line = f"cannot open storage {_scrub(where, url)}: {_one_line(exc, url)}"
+    hint = _storage_hint(exc, url)
+    return f"{line}; {hint}" if hint else line
+
+
+_CONNECTION_ERRORS = ("OperationalError", "PoolTimeout", "ConnectionTimeout", "InterfaceError")
+
+
+def _storage_hint(exc: BaseException, url: str | None) -> str:
+    """What to do about a storage failure, where its own text does not already say."""
+    if isinstance(exc, AdapterNotFoundError):
+        return "fix the URL's scheme, or install the package that provides its adapter"
+    if isinstance(exc, ConfigError | AdapterError):
+        return ""  # their text names the fix (the extra to install, the URL form)
+    if not isinstance(exc, StorageError):
+        return "--log-level debug shows the traceback"
+    cause = exc.__cause__
+    if cause is None:
+        return ""  # raised by the adapter itself, which says why (e.g. a newer schema)
+    parts = urlsplit(url or "")
+    if parts.scheme.split("+")[0].lower() in ("sqlite", "apsw"):
+        return _sqlite_hint(parts.path)
+    if isinstance(cause, OSError) or type(cause).__name__ in _CONNECTION_ERRORS:
+        return (
+            "check that the database server is running and reachable from here, and the "
+            "URL's host, port, user, password and database name"
+        )
+    return "check that the URL's user may create and change tables in that database"
+
+
+def _sqlite_hint(url_path: str) -> str:
+    if url_path in ("", "/", "/:memory:"):
+        return ""
+    path = Path(unquote(url_path[1:]))
+    folder = path.parent
+    if not folder.is_dir():
+        return f"directory {folder} does not exist: create it, or fix the path in the URL"
+    if path.is_dir():
+        return f"{path} is a directory: give the path of a database file"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return f"{path} is not readable and writable by this user"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"directory {folder} is not writable by this user (SQLite writes files there)"
+    return f"check that {path} is a Reflow SQLite database this user can read and write"
 
 
 def redact(url: str) -> str:
@@ -216,11 +442,11 @@ class RunLogger:
 
 
 async def serve(config: WorkerConfig, *, supervisor_pid: int | None = None) -> int:
-    """Run one worker in this process until SIGTERM/SIGINT; return the exit code."""
-    engine, storage = build_engine(config)
-    hooks = RunLogger()
-    pm = plugin_manager()
-    pm.register(hooks, name=f"reflow-worker-log-{id(hooks)}")
+    """Run one worker in this process until SIGTERM/SIGINT; return the exit code.
+
+    Raises :class:`StartupError` if the worker cannot start. Once it is ready (the
+    "worker ready" line), an error is a crash and propagates as itself.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -245,36 +471,43 @@ async def serve(config: WorkerConfig, *, supervisor_pid: int | None = None) -> i
     handled = (signal.SIGTERM,) if supervisor_pid is not None else (signal.SIGTERM, signal.SIGINT)
     for signum in handled:
         loop.add_signal_handler(signum, on_signal, signum)
+    hooks = RunLogger()
+    hooks_name = f"reflow-worker-log-{id(hooks)}"
     try:
-        await engine.start()
-        storage = (
-            redact(config.storage or os.environ.get("REFLOW_STORAGE") or "")
-            or type(engine.storage).__name__
-        )
-        log.info(
-            "worker ready: workflows %s; storage %s; concurrency %d; lease %gs; poll %gs",
-            ", ".join(engine.workflows),
-            storage,
-            engine.concurrency,
-            engine.lease.duration_s,
-            engine.poll_interval,
-        )
-        while not stop.is_set():
-            # Polling the parent pid is how an orphan notices its supervisor was killed.
-            if supervisor_pid is not None and os.getppid() != supervisor_pid:
-                log.warning("supervisor (pid %d) is gone; stopping", supervisor_pid)
-                break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
-        began = time.monotonic()
-        await engine.stop(config.grace)
-        log.info("worker stopped in %.2fs", time.monotonic() - began)
-        return 0
+        try:
+            # Registered before the engine starts, which collects the plugins' hooks.
+            plugin_manager().register(hooks, name=hooks_name)
+        except ReflowError as exc:
+            raise StartupError(_one_line(exc, config.storage)) from exc
+        engine, storage = await start_engine(config)
+        try:
+            log.info(
+                "worker ready: workflows %s; storage %s; concurrency %d; lease %gs; poll %gs",
+                ", ".join(engine.workflows),
+                storage,
+                engine.concurrency,
+                engine.lease.duration_s,
+                engine.poll_interval,
+            )
+            while not stop.is_set():
+                # Polling the parent pid is how an orphan notices its supervisor was killed.
+                if supervisor_pid is not None and os.getppid() != supervisor_pid:
+                    log.warning("supervisor (pid %d) is gone; stopping", supervisor_pid)
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+            began = time.monotonic()
+            await engine.stop(config.grace)
+            log.info("worker stopped in %.2fs", time.monotonic() - began)
+            return 0
+        finally:
+            await engine.stop()
     finally:
-        await engine.stop()
         for signum in handled:
             loop.remove_signal_handler(signum)
-        pm.unregister(hooks)
+        with contextlib.suppress(ReflowError):
+            if plugin_manager().get_plugin(hooks_name) is not None:
+                plugin_manager().unregister(name=hooks_name)
 
 
 @dataclass(slots=True)
@@ -291,10 +524,12 @@ class _Child:
 class Supervisor:
     """Runs ``processes`` worker children, restarts crashed ones, forwards stop signals.
 
-    A child that exits with :data:`CONFIG_EXIT` (it cannot start) stops the whole fleet:
-    restarting it would fail the same way. Other unexpected exits are restarted after a
-    backoff that doubles with each quick failure (1 s up to ``max_backoff``) and resets
-    once a child has lived ``max_backoff`` seconds.
+    A child that exits with :data:`CONFIG_EXIT` could not start (it logged why, on one
+    line): restarting it would fail the same way, so the supervisor stops the other
+    children and exits with :data:`CONFIG_EXIT` too. A child that crashes otherwise (any
+    other exit, or a signal) is restarted after a backoff that doubles with each quick
+    failure (1 s up to ``max_backoff``) and resets once a child has lived ``max_backoff``
+    seconds.
     """
 
     def __init__(self, config: WorkerConfig, processes: int, *, max_backoff: float = 30.0) -> None:
@@ -320,6 +555,9 @@ class Supervisor:
             log.info("%s: stopping %d worker processes", name, len(self.children))
         else:
             log.warning("%s again: telling the workers to exit now", name)
+        self._stop_children()
+
+    def _stop_children(self) -> None:
         for child in self.children:
             if child.proc is not None and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
@@ -337,9 +575,15 @@ class Supervisor:
             return
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
         if code == CONFIG_EXIT:
-            log.error("worker process #%d %s: it cannot start; stopping", child.number, how)
+            log.error(
+                "worker process #%d (pid %d) cannot start (exit code %d, reason above); not "
+                "restarting it, since it would fail the same way: stopping all workers",
+                child.number,
+                child.proc.pid,
+                code,
+            )
             self._exit_code = CONFIG_EXIT
-            self._forward(signal.SIGTERM, None)
+            self._stop_children()
             return
         lived = now - child.started
         child.failures = 1 if lived >= self.max_backoff else child.failures + 1
@@ -363,6 +607,8 @@ class Supervisor:
                 self._spawn(child)
             while not self._stop.is_set():
                 for child in self.children:
+                    if self._stop.is_set():  # one child that cannot start stops them all
+                        break
                     self._check(child)
                 self._stop.wait(0.2)
             return self._wait_all()
@@ -383,7 +629,9 @@ class Supervisor:
                 log.error("worker process #%d did not stop in time; killing it", child.number)
                 child.proc.kill()
                 result = child.proc.wait()
-            if result != 0:
+            if result == CONFIG_EXIT:
+                code = CONFIG_EXIT  # it logged why it cannot start; nothing to add
+            elif result != 0:
                 log.error("worker process #%d exited %d", child.number, result)
                 code = code or 1
         log.info("all worker processes stopped")
@@ -401,21 +649,43 @@ def configure_logging(level: str) -> None:
 
 def run(config: WorkerConfig, processes: int = 1) -> int:
     """Run a worker (``processes == 1``, in this process) or a supervised fleet; block
-    until stopped by SIGTERM/SIGINT; return the exit code. Call from the main thread."""
+    until stopped by SIGTERM/SIGINT; return the exit code. Call from the main thread.
+
+    A worker that cannot start logs one line saying why and what to do (with the
+    traceback at log level DEBUG) and returns :data:`CONFIG_EXIT`. A fleet checks the
+    target, the options and the storage (initializing it) once, here, before it starts
+    any child.
+    """
     configure_logging(config.log_level)
     try:
         if processes == 1:
             return asyncio.run(serve(config))
-        build_engine(config)  # fail here, once, rather than in every child
+        try:
+            asyncio.run(start_engine(config, run=False))
+        except KeyboardInterrupt:
+            log.warning("interrupted before any worker process started")
+            return 130
         return Supervisor(config, processes).run()
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return CONFIG_EXIT
+    except StartupError as exc:
+        return _cannot_start(exc)
+
+
+def _cannot_start(exc: StartupError) -> int:
+    log.error(
+        "worker cannot start: %s", exc, exc_info=exc if log.isEnabledFor(logging.DEBUG) else None
+    )
+    return CONFIG_EXIT
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, not the usage text: the supervisor wrote these arguments."""
+        self.exit(CONFIG_EXIT, f"{self.prog}: invalid arguments: {message}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of a supervised child: ``python -m reflow_core.worker TARGET ...``."""
-    parser = argparse.ArgumentParser(prog="python -m reflow_core.worker")
+    parser = _ArgumentParser(prog="python -m reflow_core.worker")
     parser.add_argument("target")
     parser.add_argument("--storage")
     parser.add_argument("--concurrency", type=int)
@@ -437,9 +707,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level)
     try:
         return asyncio.run(serve(config, supervisor_pid=args.supervisor_pid))
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return CONFIG_EXIT
+    except StartupError as exc:
+        return _cannot_start(exc)
 
 
 if __name__ == "__main__":

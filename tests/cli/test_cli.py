@@ -15,7 +15,14 @@ from click.testing import CliRunner, Result
 
 from reflow_core import Engine, LeaseHolder, StepContext, Workflow, open_storage
 from reflow_core.cli import MISSING_EXTRA, build_cli, main
-from reflow_core.worker import WorkerConfig, build_engine, load_target, redact
+from reflow_core.worker import (
+    StartupError,
+    WorkerConfig,
+    build_engine,
+    load_target,
+    redact,
+    start_engine,
+)
 
 HERE = Path(__file__).parent
 
@@ -116,6 +123,43 @@ def test_build_engine_applies_options_and_env_storage(monkeypatch: pytest.Monkey
 def test_storage_passwords_stay_out_of_logs() -> None:
     assert redact("postgresql://app:s3cret@db:5432/x") == "postgresql://app:***@db:5432/x"
     assert redact("sqlite:///reflow.db") == "sqlite:///reflow.db"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            WorkerConfig("worker_app:workflows", storage="host=db password=s3cret-pw"),
+            "cannot open storage host=db password=***: no storage adapter named",
+        ),
+        (
+            WorkerConfig("worker_app:workflows", storage="memory://", grace=float("inf")),
+            "invalid --grace inf",
+        ),
+        (
+            WorkerConfig("worker_app:workflows", storage="memory://", poll=0.0),
+            "invalid --poll 0.0",
+        ),
+    ],
+)
+def test_start_engine_reports_one_line_with_passwords_hidden(
+    config: WorkerConfig, message: str
+) -> None:
+    with pytest.raises(StartupError) as info:
+        asyncio.run(start_engine(config))
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+    assert "s3cret-pw" not in text
+
+
+def test_worker_option_errors_are_one_line() -> None:
+    result = invoke("worker", "worker_app:workflows", "--grace", "-1")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "Error: Invalid value for '--grace': -1.0 is not in the range x>=0. "
+        "(see 'reflow worker --help')"
+    ]
 
 
 def test_worker_config_round_trips_through_child_argv() -> None:

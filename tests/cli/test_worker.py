@@ -8,6 +8,7 @@ step writes, or the workers' log: nothing is synchronised by sleeping.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import re
 import signal
@@ -176,3 +177,158 @@ def test_single_process_worker_with_a_factory_target_stops_on_sigint(
     assert worker.proc.wait(timeout=15) == 0, worker.log()
     assert "SIGINT: stop claiming" in worker.log()
     assert f"run {run} (quick) completed in" in worker.log()
+
+
+# -- a worker that cannot start: one line, exit code 2, never restarted -----------------
+
+SECRET = "s3cret-pw"
+needs_psycopg = pytest.mark.skipif(
+    importlib.util.find_spec("psycopg") is None, reason="the postgres extra is not installed"
+)
+BROKEN_APP = "raise RuntimeError('boom at import')\n"
+CHILD_FAILS_APP = """
+import sys
+
+from reflow_core import ConfigError
+from worker_app import workflows
+
+
+def flows():
+    # The supervisor's own check passes; its children (run with --supervisor-pid) fail.
+    if "--supervisor-pid" in sys.argv:
+        raise ConfigError("this app refuses to run in a supervised child")
+    return workflows
+"""
+
+
+def reflow_worker(
+    tmp_path: Path, *args: str, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``reflow worker ARGS`` to completion, stdout and stderr apart; a bounded wait."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
+    env.pop("REFLOW_STORAGE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "reflow_core.cli", "worker", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        pytest.param(
+            ["worker_app:workflows", "--storage", "nosuch://x"],
+            ["worker cannot start", "no storage adapter serves URL scheme 'nosuch'",
+             "install the package that provides its adapter"],
+            id="unknown-scheme",
+        ),
+        pytest.param(
+            ["worker_app:workflows", "--storage", f"postgresql://app:{SECRET}@127.0.0.1:1/db"],
+            ["worker cannot start", "cannot open storage postgresql://app:***@127.0.0.1:1/db",
+             "Connection refused", "check that the database server is running"],
+            id="postgres-refused",
+            marks=needs_psycopg,
+        ),
+        pytest.param(
+            ["worker_app:workflows", "--storage", f"postgresql+x://app:{SECRET}@127.0.0.1:1/db"],
+            ["worker cannot start", "invalid PostgreSQL DSN", "app:***@127.0.0.1:1/db"],
+            id="postgres-bad-dsn",
+            marks=needs_psycopg,
+        ),
+        pytest.param(
+            ["worker_app:workflows", "--storage", "sqlite:///{tmp}/missing/dir/x.db"],
+            ["worker cannot start", "cannot open storage sqlite:///",
+             "unable to open database file", "missing/dir does not exist: create it"],
+            id="sqlite-missing-directory",
+        ),
+        pytest.param(
+            ["no_such_module_xyz:flows", "--storage", "sqlite:///x.db"],
+            ["worker cannot start", "cannot import module 'no_such_module_xyz'", "PYTHONPATH"],
+            id="target-module-missing",
+        ),
+        pytest.param(
+            ["broken_app:flows", "--storage", "sqlite:///x.db"],
+            ["worker cannot start",
+             "importing module 'broken_app' raised RuntimeError: boom at import"],
+            id="target-module-raises",
+        ),
+        pytest.param(
+            ["worker_app:not_a_workflow", "--storage", "sqlite:///x.db"],
+            ["worker cannot start", "worker_app:not_a_workflow is int; expected an Engine"],
+            id="target-not-a-workflow",
+        ),
+        pytest.param(
+            ["worker_app:workflows", "--storage", "sqlite:///x.db", "--grace", "nan"],
+            ["worker cannot start", "invalid --grace nan"],
+            id="grace-nan",
+        ),
+        pytest.param(
+            ["worker_app:workflows", "--storage", "sqlite:///x.db", "--lease", "0.001"],
+            ["worker cannot start", "invalid --lease", "between 10 ms"],
+            id="lease-too-short",
+        ),
+        pytest.param(
+            ["worker_app:workflows", "--storage", "sqlite:///x.db", "--concurrency", "0"],
+            ["Invalid value for '--concurrency'", "reflow worker --help"],
+            id="concurrency-zero",
+        ),
+    ],
+)  # fmt: skip
+def test_a_worker_that_cannot_start_says_why_in_one_line_and_exits_2(
+    tmp_path: Path, args: list[str], expected: list[str]
+) -> None:
+    (tmp_path / "broken_app.py").write_text(BROKEN_APP)
+    result = reflow_worker(tmp_path, *[a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    for text in expected:
+        assert text in result.stderr
+    assert SECRET not in result.stderr
+    assert "worker ready" not in result.stderr
+
+
+def test_debug_log_level_adds_the_traceback(tmp_path: Path) -> None:
+    result = reflow_worker(
+        tmp_path, "worker_app:workflows", "--storage", "nosuch://x", "--log-level", "debug"
+    )
+    assert result.returncode == 2, result.stderr
+    assert "worker cannot start: cannot open storage nosuch://x" in result.stderr
+    assert "Traceback" in result.stderr
+    assert "AdapterNotFoundError" in result.stderr
+
+
+def test_a_fleet_with_an_unusable_storage_exits_2_before_starting_workers(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'missing' / 'x.db'}"
+    began = time.monotonic()
+    result = reflow_worker(tmp_path, "worker_app:workflows", "--storage", url, "--processes", "2")
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - began < 30
+    assert "Traceback" not in result.stderr
+    assert "started (pid" not in result.stderr, "no worker process may be started, or restarted"
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "worker cannot start: cannot open storage" in result.stderr
+    assert "does not exist" in result.stderr
+
+
+def test_supervisor_does_not_restart_a_worker_that_cannot_start(tmp_path: Path) -> None:
+    (tmp_path / "child_fails.py").write_text(CHILD_FAILS_APP)
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    result = reflow_worker(tmp_path, "child_fails:flows", "--storage", url, "--processes", "2")
+    assert result.returncode == 2, result.stderr
+    log = result.stderr
+    assert "Traceback" not in log
+    # Each slot was started once and never again: no restart loop.
+    assert log.count("worker process #1 started") == 1, log
+    assert log.count("worker process #2 started") == 1, log
+    assert "restarting in" not in log
+    assert "worker cannot start: calling child_fails:flows() failed: this app refuses" in log
+    # The supervisor says once why it stops the fleet.
+    assert log.count("cannot start (exit code 2, reason above); not restarting it") == 1, log
+    assert "all worker processes stopped" in log
