@@ -505,7 +505,8 @@ class Engine:
     def events(self, *, buffer: int = 1000) -> EventStream:
         """An async iterator over this engine's events from now on; ends when it stops.
 
-        When ``buffer`` events are waiting, the run producing the next one pauses until
-        the consumer catches up (backpressure).
+        Never slows a run: with ``buffer`` events waiting, further ones are lost for this
+        stream (counted in its ``dropped``, see :class:`EventStream`) until the consumer
+        reads. Leaving ``async for`` (or ``aclose()``) unsubscribes the stream.
         """
         return self.observers.subscribe(buffer)

@@ -7,6 +7,19 @@ called on its own, so one that raises neither stops the others nor changes the r
 its error is wrapped in :class:`HookError` and reported through ``reflow_error`` hooks,
 the ``on_error`` callback and the ``reflow`` logger.
 
+Hooks run inline: the run that produced the event goes on once its hooks return. An
+async hook (and an async ``reflow_error`` hook or ``on_error`` callback) gets at most
+:attr:`Observers.hook_timeout` seconds (default 30); one that takes longer is cancelled
+and reported as a :class:`HookError` caused by a :class:`TimeoutError`, and the run goes
+on, so a hook that never returns cannot hold a leased run forever. A plain ``def`` hook
+cannot be interrupted: it blocks the event loop (heartbeats included) while it runs, so
+keep it quick.
+
+Streams (:class:`EventStream`, from ``Engine.events()``) never slow a run down: an event
+is appended to each stream's bounded buffer without waiting, and a stream whose buffer
+is full loses the event instead (see :class:`EventStream` for how the loss is counted
+and reported).
+
 Pluggy calls are untyped; this is the only place the engine touches them.
 """
 
@@ -15,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from reflow_core.errors import ConfigError, HookError
@@ -32,6 +47,7 @@ from reflow_core.events import (
 __all__ = ["EventStream", "Observers"]
 
 log = logging.getLogger("reflow")
+stream_log = logging.getLogger("reflow.events")
 
 _HOOK_NAMES: dict[type[Any], str] = {
     RunStarted: "reflow_run_started",
@@ -41,53 +57,112 @@ _HOOK_NAMES: dict[type[Any], str] = {
     RunCompleted: "reflow_run_completed",
     RunFailed: "reflow_run_failed",
 }
-_END: Any = object()
 
 
 class EventStream:
-    """An async iterator over engine events with a bounded buffer.
+    """An async iterator over engine events with a bounded, lossy buffer.
 
-    When the buffer is full the engine waits (backpressure) before going on with the run
-    that produced the event. The stream ends when the engine stops or when the consumer
-    leaves the ``async for`` (or calls :meth:`aclose`).
+    Delivering an event never waits for the consumer: it is appended to this stream's
+    buffer of ``buffer`` events, or, when the buffer is full, lost for this stream (other
+    streams and hooks still get it). Losses are never silent:
+
+    * :attr:`dropped` counts every event this stream lost;
+    * :attr:`missed` is how many events were lost just before the event the consumer
+      read last (``0`` when none was), so a consumer can tell where the gaps are;
+    * each gap (a run of consecutive losses) is reported once, when it begins, by a
+      warning on the ``reflow.events`` logger.
+
+    The stream ends (iteration stops after what is buffered) when the engine stops.
+    Leaving it ends it too and unsubscribes it, so nothing is buffered for it after:
+    ``break`` or an exception out of ``async for`` (the event loop closes the abandoned
+    iterator at its next turn), cancellation of the consuming task while it waits in
+    ``async for``, :meth:`aclose` (or leaving ``async with stream``), and dropping every
+    reference to the stream. A left stream cannot be iterated again.
+    ``await anext(stream)`` reads one event without entering a loop (cancelling it does
+    not leave the stream).
     """
 
     def __init__(self, owner: Observers, buffer: int) -> None:
         self._owner = owner
-        self._queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=buffer)
-        self.closed = False
+        self.buffer = buffer
+        self._items: deque[tuple[int, EngineEvent]] = deque()  # (missed before, event)
+        self._ready = asyncio.Event()  # set when an item arrives or the stream ends
+        self._gap = 0  # events lost since the last one buffered
+        self._ended = False  # the engine stopped: the consumer gets what is buffered
+        self._left = False  # the consumer left: nothing more, buffer discarded
+        self.dropped = 0
+        """Events this stream lost because its buffer was full."""
+        self.missed = 0
+        """Events lost just before the event read last (``0``: none)."""
+
+    @property
+    def closed(self) -> bool:
+        """Whether the stream takes no more events (the engine stopped or it was left)."""
+        return self._ended or self._left
 
     def __aiter__(self) -> AsyncIterator[EngineEvent]:
-        return self
+        # An async generator, not ``self``: ``break`` out of ``async for`` drops it, and
+        # the event loop then closes it, which runs the ``finally`` below.
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[EngineEvent]:
+        try:
+            while True:
+                event = await self._next()
+                if event is None:
+                    return
+                yield event
+        finally:
+            self._leave()
 
     async def __anext__(self) -> EngineEvent:
-        if self.closed and self._queue.empty():
+        event = await self._next()
+        if event is None:
             raise StopAsyncIteration
-        item = await self._queue.get()
-        if item is _END:
-            raise StopAsyncIteration
-        event: EngineEvent = item
         return event
 
-    async def deliver(self, event: EngineEvent) -> None:
-        if not self.closed:
-            await self._queue.put(event)
+    async def _next(self) -> EngineEvent | None:
+        while not self._items:
+            if self.closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        self.missed, event = self._items.popleft()
+        return event
+
+    def offer(self, event: EngineEvent) -> None:
+        """Buffer ``event`` for the consumer, or count it lost if the buffer is full."""
+        if self.closed:
+            return
+        if len(self._items) >= self.buffer:
+            self.dropped += 1
+            self._gap += 1
+            if self._gap == 1:
+                stream_log.warning(
+                    "event stream buffer full (%d events): dropping events until its "
+                    "consumer catches up (%d lost on this stream so far)",
+                    self.buffer,
+                    self.dropped,
+                )
+            return
+        self._items.append((self._gap, event))
+        self._gap = 0
+        self._ready.set()
 
     def end(self) -> None:
         """Finish the stream: the consumer gets what is buffered, then the end."""
-        if self.closed:
-            return
-        self.closed = True
-        if self._queue.empty():
-            self._queue.put_nowait(_END)
+        self._ended = True
+        self._ready.set()
+
+    def _leave(self) -> None:
+        self._left = True
+        self._items.clear()
+        self._ready.set()  # a consumer waiting elsewhere ends too
+        self._owner.unsubscribe(self)
 
     async def aclose(self) -> None:
-        """Leave the stream now, discarding what is buffered and unblocking the engine."""
-        self._owner.unsubscribe(self)
-        self.closed = True
-        while not self._queue.empty():
-            self._queue.get_nowait()
-        self._queue.put_nowait(_END)
+        """Leave the stream now: unsubscribe it and discard what is buffered."""
+        self._leave()
 
     async def __aenter__(self) -> EventStream:
         return self
@@ -99,6 +174,10 @@ class EventStream:
 class Observers:
     """Hooks and streams of one engine."""
 
+    hook_timeout: float | None = 30.0
+    """Seconds an async hook call may take before it is cancelled and reported
+    (``None``: no limit). Set it on an engine's ``observers`` to change it."""
+
     def __init__(
         self,
         hooks: Iterable[object],
@@ -109,8 +188,10 @@ class Observers:
         self._plugin_impls = plugin_impls
         self._on_error = on_error
         self._table: dict[str, list[Callable[..., Any]]] = {}
-        self._streams: list[EventStream] = []
-        self._listening = False
+        # Weak: a stream its consumer dropped without closing is collected and skipped.
+        self._streams: list[weakref.ref[EventStream]] = []
+        self._hooked = False
+        self._stopped = False
         self.refresh()
 
     def refresh(self) -> None:
@@ -125,52 +206,82 @@ class Observers:
             if funcs:
                 table[name] = funcs
         self._table = table
-        self._update_listening()
-
-    def _update_listening(self) -> None:
         # Read several times per step on the hot path, so computed only on change.
-        self._listening = bool(self._streams) or any(n != "reflow_error" for n in self._table)
+        self._hooked = any(n != "reflow_error" for n in table)
 
     @property
     def listening(self) -> bool:
         """Whether any hook or stream would receive run events (else skip building them)."""
-        return self._listening
+        return self._hooked or bool(self._streams)
+
+    @property
+    def streams(self) -> list[EventStream]:
+        """The streams subscribed now (left, ended and collected ones are not)."""
+        self._prune()
+        return [s for s in (ref() for ref in self._streams) if s is not None]
 
     def subscribe(self, buffer: int) -> EventStream:
-        """A new stream receiving every event from now on."""
+        """A new stream receiving every event from now on (ended at once after stop)."""
         if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
             raise ConfigError(f"stream buffer must be a positive int, got {buffer!r}")
         stream = EventStream(self, buffer)
-        self._streams.append(stream)
-        self._update_listening()
+        if self._stopped:
+            stream.end()
+        else:
+            self._streams = [*self._streams, weakref.ref(stream)]
         return stream
 
     def unsubscribe(self, stream: EventStream) -> None:
-        if stream in self._streams:
-            self._streams.remove(stream)
-            self._update_listening()
+        # Lists are replaced, never changed in place: an emit going through one is safe.
+        self._streams = [
+            ref for ref in self._streams if (live := ref()) is not None and live is not stream
+        ]
+
+    def _prune(self) -> None:
+        if any(ref() is None for ref in self._streams):
+            self._streams = [ref for ref in self._streams if ref() is not None]
 
     def close_streams(self) -> None:
-        for stream in self._streams:
-            stream.end()
-        self._streams.clear()
-        self._update_listening()
+        """End every stream (the engine stopped); later subscribers get an ended one."""
+        self._stopped = True
+        streams, self._streams = self._streams, []
+        for ref in streams:
+            stream = ref()
+            if stream is not None:
+                stream.end()
 
     async def emit(self, event: EngineEvent) -> None:
-        """Call every hook for ``event``, then hand it to every stream."""
-        for func in self._table.get(_HOOK_NAMES[type(event)], ()):
-            await self._call(func, event, f"{_HOOK_NAMES[type(event)]} hook")
-        for stream in list(self._streams):
-            try:
-                await stream.deliver(event)
-            except Exception as exc:  # pragma: no cover - a Queue put does not fail
-                await self.error(HookError("event stream delivery", exc))
+        """Call every hook for ``event``, then offer it to every stream (never waits)."""
+        name = _HOOK_NAMES[type(event)]
+        for func in self._table.get(name, ()):
+            await self._call(func, event, f"{name} hook")
+        stale = False
+        for ref in self._streams:
+            stream = ref()
+            if stream is None:
+                stale = True
+            else:
+                stream.offer(event)
+        if stale:
+            self._prune()
+
+    async def _settle(self, result: Awaitable[Any]) -> None:
+        """Await a hook's result for at most :attr:`hook_timeout` seconds."""
+        limit = self.hook_timeout
+        deadline = asyncio.timeout(limit)
+        try:
+            async with deadline:
+                await result
+        except TimeoutError:
+            if deadline.expired():
+                raise TimeoutError(f"no result within {limit:g}s; cancelled") from None
+            raise
 
     async def _call(self, func: Callable[..., Any], event: Any, where: str) -> None:
         try:
             result = func(event)
             if inspect.isawaitable(result):
-                await result
+                await self._settle(result)
         except Exception as exc:
             await self.error(HookError(where, exc))
 
@@ -181,13 +292,13 @@ class Observers:
             try:
                 result = func(error)
                 if inspect.isawaitable(result):
-                    await result
+                    await self._settle(result)
             except Exception:
                 log.exception("reflow_error hook raised; ignored")
         if self._on_error is not None:
             try:
                 result = self._on_error(error)
                 if inspect.isawaitable(result):
-                    await result
+                    await self._settle(result)
             except Exception:
                 log.exception("on_error callback raised; ignored")
