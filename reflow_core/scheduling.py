@@ -17,12 +17,19 @@ Timing (arithmetic in :mod:`reflow_core.schedule`):
 * Missed occurrences (all workers down) are skipped: the schedule fires once for the
   latest missed slot, then resumes its cadence. ``catch_up=True`` fires every missed
   occurrence instead.
-* Daylight saving time, for a cron in a zone that has it: a wall-clock time that does
-  not exist (the spring-forward gap, e.g. 02:30 on 2024-03-10 in America/New_York)
-  fires once at the first instant after the gap (03:00); a time that occurs twice (the
-  autumn overlap, 01:30 on 2024-11-03) fires once, at its first occurrence. Expressions
-  whose hour field is ``*`` follow real hours: they fire in both passes of a repeated
-  hour and not at all in a skipped one.
+* Daylight saving time, for a cron in a zone that has it (the rules in full are in
+  :mod:`reflow_core.schedule`): for a fixed time (minute and hour fields not starting
+  with ``*``), a wall-clock time that does not exist (the spring-forward gap, e.g.
+  02:30 on 2024-03-10 in America/New_York) fires once at the first instant after the
+  gap (03:00); a time that occurs twice (the autumn overlap, 01:30 on 2024-11-03) fires
+  once, at its first occurrence, and a schedule registered during the second pass
+  first fires the next day. Expressions whose minute or hour field starts with ``*``
+  follow real time: they fire in both passes of a repeated hour and not at all in a
+  skipped one.
+* Every claim moves a schedule strictly forward. Should an adapter ever leave a
+  schedule at or before the slot it just fired, the loop reports a ``StorageError`` and
+  sets that schedule's workflow aside (claims are per workflow) until the schedule's
+  next run time changes, instead of spinning on it; other workflows keep firing.
 
 Firing. The loop runs beside the dispatcher, so it fires even when every run slot is
 busy. For each due occurrence it first *enqueues* the run, with the idempotency key
@@ -165,6 +172,10 @@ class Scheduler:
         # The store's clock minus ours, as last seen: due times are the store's, and this
         # turns the next one into a local wait.
         self._offset = 0
+        # Schedules an adapter failed to advance: key -> (workflow, the next_run_at it
+        # was left at, at or before the slot that fired). Their workflows are set aside
+        # until that value changes.
+        self._stuck: dict[str, tuple[str, int]] = {}
 
     def poke(self) -> None:
         """A schedule was registered or changed: look again now."""
@@ -181,6 +192,11 @@ class Scheduler:
             await self.observers.error(exc)
             return None
         ours = [s for s in schedules if s.workflow in self.names]
+        if self._stuck:
+            current = {s.key: s.next_run_at for s in ours}
+            self._stuck = {k: v for k, v in self._stuck.items() if current.get(k) == v[1]}
+            blocked = self._blocked()
+            ours = [s for s in ours if s.workflow not in blocked]
         later = [s.next_run_at for s in ours if s.next_run_at > now]
         self._next_at = min(later) if later else None
         return sorted(
@@ -221,7 +237,7 @@ class Scheduler:
             if not await self._create(first, first.next_run_at):
                 return fired
             try:
-                claimed = await self.storage.claim_due_schedule(self.names)
+                claimed = await self.storage.claim_due_schedule(self.names - self._blocked())
             except Exception as exc:
                 await self.observers.error(exc)
                 return fired
@@ -230,6 +246,26 @@ class Scheduler:
             if (claimed.schedule.key, claimed.slot) != (first.key, first.next_run_at):
                 await self._create(claimed.schedule, claimed.slot)  # raced: see module doc
             fired += 1
+            if claimed.schedule.next_run_at <= claimed.slot:
+                await self._not_advanced(claimed.schedule, claimed.slot)
+            await asyncio.sleep(0)  # a long catch-up must not hold the event loop
+
+    def _blocked(self) -> frozenset[str]:
+        return frozenset(workflow for workflow, _ in self._stuck.values())
+
+    async def _not_advanced(self, schedule: Schedule, slot: int) -> None:
+        """The claim left ``schedule`` due at or before ``slot``: claiming it again would
+        repeat (or go back to) an occurrence, forever, and hold back every schedule due
+        after it. Report it and set its workflow aside until it moves."""
+        self._stuck[schedule.key] = (schedule.workflow, schedule.next_run_at)
+        await self.observers.error(
+            StorageError(
+                "claim_due_schedule",
+                f"schedule {schedule.key!r} fired slot {slot} but was advanced to "
+                f"{schedule.next_run_at}, not past it; this worker fires no schedule of "
+                f"workflow {schedule.workflow!r} until that next run time changes",
+            )
+        )
 
     def _idle_timeout(self) -> float:
         timeout = self.poll_interval

@@ -14,12 +14,14 @@ from helpers import FakeClock, run
 from reflow_core import (
     ConfigError,
     Engine,
+    Recurrence,
     StepContext,
     StorageError,
     ValidationError,
     Workflow,
     WorkflowRun,
 )
+from reflow_core.schedule import next_fire_time
 from reflow_core.scheduling import occurrence_key
 
 MIN_MS = 60_000
@@ -326,5 +328,151 @@ def test_a_busy_started_engine_still_fires_schedules(
             await engine.schedule(wf, every="1m")  # a registration pokes the loop now
             await asyncio.wait_for(proxy.created.wait(), 10)
             release.set()
+
+    run(scenario())
+
+
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+class _Spinning(Exception):
+    """Raised by :class:`_ClaimBudget` when the scheduler claims far more than it should."""
+
+
+class _ClaimBudget:
+    """Storage proxy that counts schedule claims and fails them past a budget, so a
+    scheduler that spins ends (with a reported error) instead of hanging the test."""
+
+    def __init__(self, inner: Any, budget: int) -> None:
+        self._inner = inner
+        self.budget = budget
+        self.claims = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def claim_due_schedule(self, names: Any) -> Any:
+        self.claims += 1
+        if self.claims > self.budget:
+            raise _Spinning(f"{self.claims} schedule claims")
+        return await self._inner.claim_due_schedule(names)
+
+
+async def _slots(engine: Engine, key: str) -> list[int]:
+    prefix = occurrence_key(key, 0)[:-1]
+    keys = [r.idempotency_key or "" for r in await _runs(engine)]
+    return sorted(int(k[len(prefix) :]) for k in keys if k.startswith(prefix))
+
+
+def test_cron_registered_in_the_repeated_hour_fires_each_slot_once(
+    storage_factory: Any, clock: FakeClock
+) -> None:
+    """The issue: registered at 01:10 EST on 2024-11-03, the second pass of New York's
+    repeated hour, ``30 1 * * *`` fired at once (01:30 EDT had passed) and then stayed
+    due, claimed again and again, starving the other schedules."""
+    errors: list[BaseException] = []
+    wf = _ticker([])
+    registered = _ms(datetime(2024, 11, 3, 6, 10, tzinfo=UTC))  # 01:10 EST
+    until = _ms(datetime(2024, 11, 4, 7, 0, tzinfo=UTC))  # 02:00 EST the next day
+    clock.now = registered
+
+    async def scenario() -> None:
+        proxy = _ClaimBudget(storage_factory(clock=clock), budget=500)
+        async with open_engine(lambda clock: proxy, [wf], clock, on_error=errors.append) as engine:
+            nightly = await engine.schedule(
+                wf, {"s": "nightly"}, cron="30 1 * * *", timezone="America/New_York"
+            )
+            quarter = await engine.schedule(
+                wf, {"s": "quarter"}, cron="*/15 * * * *", timezone="America/New_York"
+            )
+            by_key = {s.key: s for s in await engine.list_schedules()}
+            tomorrow = _ms(datetime(2024, 11, 4, 6, 30, tzinfo=UTC))  # 01:30 EST
+            assert by_key[nightly].next_run_at == tomorrow  # not 01:30 EDT, gone
+            assert await engine.run_until_idle() == 0  # nothing fires on registration
+            while clock.now < until:
+                clock.advance(5 * 60)
+                await engine.run_until_idle()
+                assert errors == []
+            assert await _slots(engine, nightly) == [tomorrow]
+            step = 15 * MIN_MS
+            first = registered - registered % step + step
+            assert await _slots(engine, quarter) == list(range(first, until + 1, step))
+            assert proxy.claims == len(await _runs(engine))  # one claim per occurrence
+
+    run(scenario())
+
+
+def test_cron_across_the_fall_back_fires_the_repeated_time_once(
+    storage_factory: Any, clock: FakeClock
+) -> None:
+    errors: list[BaseException] = []
+    wf = _ticker([])
+    clock.now = _ms(datetime(2024, 11, 3, 4, 0, tzinfo=UTC))  # 00:00 EDT
+
+    async def scenario() -> None:
+        proxy = _ClaimBudget(storage_factory(clock=clock), budget=100)
+        async with open_engine(lambda clock: proxy, [wf], clock, on_error=errors.append) as engine:
+            nightly = await engine.schedule(
+                wf, {"s": "nightly"}, cron="30 1 * * *", timezone="America/New_York"
+            )
+            hourly = await engine.schedule(
+                wf, {"s": "hourly"}, cron="0 * * * *", timezone="America/New_York"
+            )
+            while clock.now < _ms(datetime(2024, 11, 3, 9, 0, tzinfo=UTC)):
+                clock.advance(5 * 60)
+                await engine.run_until_idle()
+            assert errors == []
+            # 01:30 EDT only; the second pass (01:30 EST, 06:30 UTC) does not fire it.
+            assert await _slots(engine, nightly) == [_ms(datetime(2024, 11, 3, 5, 30, tzinfo=UTC))]
+            # Real hours: 01:00 EDT and 01:00 EST both fire, one hour apart.
+            assert await _slots(engine, hourly) == [
+                _ms(datetime(2024, 11, 3, h, tzinfo=UTC)) for h in range(5, 10)
+            ]
+            [stored] = [s for s in await engine.list_schedules() if s.key == nightly]
+            assert stored.next_run_at == _ms(datetime(2024, 11, 4, 6, 30, tzinfo=UTC))
+
+    run(scenario())
+
+
+def test_an_adapter_that_does_not_advance_a_schedule_is_reported_not_spun_on(
+    storage_factory: Any, clock: FakeClock, adapter_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth: whatever an adapter's arithmetic does, the loop never claims
+    the same slot over and over, and the other workflows' schedules keep firing."""
+    if adapter_name == "postgres":
+        pytest.skip("the broken arithmetic is patched into the in-process adapters")
+
+    def stays(recurrence: Recurrence, slot: int, now: int) -> int:
+        if recurrence.every_ms == MIN_MS:  # the schedule of workflow "ticker"
+            return slot  # the defect's symptom: "advanced" to the slot that just fired
+        return next_fire_time(recurrence, slot, now)
+
+    monkeypatch.setattr("reflow_adapters.memory.schedules.next_fire_time", stays)
+    monkeypatch.setattr("reflow_adapters.sqlite_common.ops.next_fire_time", stays)
+    errors: list[BaseException] = []
+    stuck = _ticker([])
+    other: Workflow[Any] = Workflow("other")
+    other.step(lambda ctx: None, name="s")
+
+    async def scenario() -> None:
+        proxy = _ClaimBudget(storage_factory(clock=clock), budget=50)
+        async with open_engine(
+            lambda clock: proxy, [stuck, other], clock, on_error=errors.append
+        ) as engine:
+            key = await engine.schedule(stuck, every="1m")
+            clock.advance(60)
+            assert await engine.run_until_idle() == 1  # its one occurrence ran
+            assert proxy.claims == 1
+            [error] = errors
+            assert isinstance(error, StorageError)
+            assert "not past it" in str(error)
+            await engine.schedule(other, every="2m")
+            clock.advance(120)
+            assert await engine.run_until_idle() == 1  # the other workflow, not starved
+            assert proxy.claims == 2 and len(errors) == 1  # the stuck one left alone
+            assert await _slots(engine, key) == [clock() - 120_000]
+            [left] = [s for s in await engine.list_schedules() if s.key == key]
+            assert left.next_run_at == clock() - 120_000  # still due, and left alone
 
     run(scenario())
