@@ -1,10 +1,10 @@
-"""Crash recovery with real worker processes killed by SIGKILL, on one SQLite file (issue 2).
+"""Crash recovery with real worker processes killed by SIGKILL, on SQLite and PostgreSQL (issue 2).
 
 Worker A (``workers/crash_app.py``) executes a five-step run and is SIGKILLed at a
 moment the test chooses deterministically: inside step 3 (the step blocks on a pipe
 after recording its start), or between steps (the step-completed hook of step 2 never
 returns, so step 2 is checkpointed and step 3 has not started). Worker B, a fresh
-process with a one-second lease, reclaims the run once A's lease is stale and finishes.
+process, reclaims the run once A's one-second lease has expired and finishes.
 
 The side-effect ledger (a separate SQLite file, one committed row per step execution)
 says which process executed what; the step outputs in storage carry the pid and ledger
@@ -18,17 +18,28 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "workers"))
 import crash_ledger
+import postgres_fixtures
 from crash_app import expected_output
-from crash_harness import Fleet, Store, WorkerProcess, by_step
+from crash_harness import Fleet, Store, WorkerProcess, by_step, store_url
 
 from reflow_core import RunStatus, StepStatus
+
+pg_dsn = postgres_fixtures.pg_dsn
+pg_schema = postgres_fixtures.pg_schema
 
 pytestmark = pytest.mark.slow
 
 SHORT_LEASE = {"lease": 1.0, "heartbeat": 0.2, "poll": 0.05}
 STEPS = ["s1", "s2", "s3", "s4", "s5"]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store on each backend."""
+    return store_url(request.param, tmp_path, request)
 
 
 def _check_finished_run(
@@ -41,6 +52,8 @@ def _check_finished_run(
     assert run.output["value"] == expected_output(n)
     assert run.output["pid"] == writers["s5"].pid
     assert run.attempt == 2, "claimed once by A, reclaimed once by B"
+    assert run.recoveries == 1, "B's claim took the run over from A's expired lease"
+    assert run.holder is None and run.lease_expires_at is None, "lease fields cleared"
 
     rows = store.steps(run_id)
     assert sorted(row.name for row in rows) == STEPS, "one row per step, no duplicates"
@@ -63,7 +76,7 @@ def _clean_exit(worker: WorkerProcess) -> None:
     assert not [line for line in worker.lines if line.startswith("ERROR")], worker.lines
 
 
-def test_killed_inside_step_3_resumes_on_another_process(tmp_path: Path) -> None:
+def test_killed_inside_step_3_resumes_on_another_process(url: str, tmp_path: Path) -> None:
     """A worker SIGKILLed while step 3 runs: another process reclaims the run after the lease
     and completes it with the right output. Steps 1-2, checkpointed before the kill, are
     never executed again (exactly once each, by A); step 3 runs at most twice (A's
@@ -72,7 +85,6 @@ def test_killed_inside_step_3_resumes_on_another_process(tmp_path: Path) -> None
     Fails if the engine re-runs checkpointed steps after a reclaim, never reclaims a
     stale run, or duplicates step rows.
     """
-    url = f"sqlite:///{tmp_path / 'store.db'}"
     ledger = tmp_path / "ledger.db"
     crash_ledger.init(ledger)
     store = Store(url)
@@ -109,14 +121,13 @@ def test_killed_inside_step_3_resumes_on_another_process(tmp_path: Path) -> None
     print(f"\nstep 3 executed {len(step_3)} times: interrupted in A, again in B")
 
 
-def test_killed_between_steps_resumes_at_step_3_exactly_once(tmp_path: Path) -> None:
+def test_killed_between_steps_resumes_at_step_3_exactly_once(url: str, tmp_path: Path) -> None:
     """A worker SIGKILLed after step 2's checkpoint and before step 3 started: the new worker
     resumes at step 3, and every step's side effect happened exactly once (steps 1-2 by
     A, steps 3-5 by B).
 
     Fails if a reclaim replays anything but the first step without a checkpoint.
     """
-    url = f"sqlite:///{tmp_path / 'store.db'}"
     ledger = tmp_path / "ledger.db"
     crash_ledger.init(ledger)
     store = Store(url)

@@ -2,20 +2,30 @@
 by the engine under test).
 
 ``python crash_app.py STORE_URL LEDGER_PATH [options]`` runs an :class:`Engine` with the
-five-step workflow :data:`FIVE` until SIGTERM or SIGINT, then stops it and exits 0.
+workflows :data:`FIVE` and :data:`GATED` until SIGTERM or SIGINT, then stops it
+(``stop(grace=0)``) and exits 0.
 
-It reports what it does on stdout, one flushed line per fact, so a test can follow it:
+It reports what it does on stdout, one flushed line per fact, so a test can follow it.
+Every line ends with `` @<ns>``, the host's wall clock (``time.time_ns()``, never the
+engine's possibly skewed clock) when the fact happened; for a storage call, when the
+call was *sent*. The harness strips that stamp off into ``WorkerProcess.stamps``.
 
-* ``READY <pid>`` once the engine has started claiming;
-* ``CLAIM <run> <lease> <attempt>`` for each claim, from a storage wrapper that also logs
-  ``WRITE <operation> <run> <detail> <lease> -> <True|False>`` for every lease-checked
-  write and ``HEARTBEAT <run> <lease> -> False`` when a heartbeat finds the lease gone;
+* ``READY <pid>`` once the engine has started claiming, ``STOPPING <pid>`` when a signal
+  asked it to stop, ``STOPPED <pid>`` once it has;
+* ``CLAIM <run> <lease> <attempt> <recoveries> <holder>`` for each claim, from a storage
+  wrapper that also logs ``WRITE <operation> <run> <detail> <lease> -> <True|False>``
+  (``WRITE save_step_result <run> <step> <lease> <status> -> ...``) for every
+  lease-checked write and ``HEARTBEAT <run> <lease> -> False`` when a heartbeat
+  finds the lease gone (every heartbeat's answer with ``--log-heartbeats``, and
+  ``HEARTBEAT <run> <lease> hang`` for each call ``--hang-heartbeats-after`` swallows);
 * ``STARTED <run> <step> <execution> <pid> <attempt>`` and ``DONE <run> <step> <execution>``
   from inside each step (``DONE``: the step's work is done, it is about to return;
   ``SIGNALLED <run> <step> <code>`` if its cancel signal was raised meanwhile);
 * ``CHECKPOINTED <run> <step> <execution>`` and ``COMPLETED <run>`` from engine hooks,
   i.e. after the checkpoint (or the run's completion) is committed;
-* ``ERROR <text>`` for errors the engine reports outside any run's outcome.
+* ``ERROR <text>`` for errors the engine reports outside any run's outcome;
+* ``LOG <level> <message>`` for what the engine logs (e.g. why it stopped a run);
+* ``DECIDED <run> <step> <answer>`` when a ``when=`` predicate is evaluated.
 
 Every step records its execution in the ledger (:mod:`crash_ledger`) before doing
 anything else, and its output ``{"value", "pid", "exec"}`` names the process and the
@@ -24,18 +34,32 @@ ledger row that produced it, so a test can tell whose write reached storage.
 Options that make the kill moment deterministic: ``--hold STEP`` makes STEP block, after
 its ``STARTED`` line, until a line arrives on stdin; ``--pause-after STEP`` makes the
 engine's step-completed hook for STEP print ``PAUSED <run> <step>`` and never return, so
-the run sits between STEP's checkpoint and the next step's start.
+the run sits between STEP's checkpoint and the next step's start; ``--pause-before
+STEP`` does the same in the step-started hook, i.e. after a ``when=`` step's decision
+(its ``running`` row) is stored and before its function is called.
+
+Fault injection: ``--skew-ms N`` offsets the engine's ``clock=`` by N ms (the clock
+that, in contract 1.0, decided whether another worker's lease was stale);
+``--hang-heartbeats-after N`` makes every ``heartbeat_run`` call after the first N
+hang forever (as on a dead network: nothing reaches the store, no answer comes back);
+with ``--claims-hang-too`` the worker's claims find nothing from then on.
+
+Workflows: :data:`FIVE`, and :data:`GATED`, whose middle step ``gate`` has a ``when=``
+predicate that says yes the first time it is asked for a run and no ever after (the
+ledger counts the evaluations across processes).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import random
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, cast
@@ -47,26 +71,39 @@ from reflow_core import (
     ConsumeResult,
     Engine,
     ErrorInfo,
+    LeaseHolder,
     LeaseOptions,
     RunCompleted,
     RunStatus,
     StepCompleted,
     StepContext,
     StepResult,
+    StepStarted,
     StorageAdapter,
     Workflow,
     open_storage,
+    system_clock,
 )
 
-__all__ = ["FIVE", "OPERATIONS", "expected_output", "main"]
+__all__ = [
+    "FIVE",
+    "GATED",
+    "GATED_OPERATIONS",
+    "OPERATIONS",
+    "expected_gated_output",
+    "expected_output",
+    "main",
+]
 
 PID = os.getpid()
 _print_lock = threading.Lock()
 
 
-def emit(*parts: object) -> None:
-    """Write one whole line to stdout and flush it (safe from step threads)."""
-    line = " ".join(str(part) for part in parts) + "\n"
+def emit(*parts: object, at: int | None = None) -> None:
+    """Write one whole line to stdout and flush it (safe from step threads), stamped with
+    ``at`` (``time.time_ns()``; now by default)."""
+    stamp = time.time_ns() if at is None else at
+    line = " ".join(str(part) for part in parts) + f" @{stamp}\n"
     with _print_lock:
         sys.stdout.write(line)
         sys.stdout.flush()
@@ -130,12 +167,54 @@ def _make_step(name: str, operation: Callable[[int], int]) -> Callable[[StepCont
 for _name, _operation in OPERATIONS.items():
     FIVE.step(_make_step(_name, _operation))
 
+GATED_OPERATIONS: dict[str, Callable[[int], int]] = {
+    "g1": lambda v: v + 1,
+    "gate": lambda v: v * 10,
+    "g3": lambda v: v + 3,
+}
+"""The steps of :data:`GATED`; ``gate`` runs only if its predicate says so."""
+
+
+def expected_gated_output(n: int, *, gate_ran: bool = True) -> int:
+    """The final ``value`` of a ``gated`` run with input ``{"n": n}``."""
+    value = n
+    for name, operation in GATED_OPERATIONS.items():
+        if name != "gate" or gate_ran:
+            value = operation(value)
+    return value
+
+
+def _first_time_only(ctx: StepContext[Any]) -> bool:
+    """The ``when=`` predicate of ``gate``: yes on its first evaluation for a run, no on any
+    later one, so a re-evaluation after a reclaim would flip the decision."""
+    answer = crash_ledger.decide(CONFIG.ledger, ctx.run_id, ctx.step, PID)
+    emit("DECIDED", ctx.run_id, ctx.step, answer)
+    return answer
+
+
+GATED: Workflow[Any] = Workflow("gated")
+"""Three ``def`` steps ``g1``, ``gate`` (``when=`` :func:`_first_time_only`), ``g3``."""
+
+for _name, _operation in GATED_OPERATIONS.items():
+    GATED.step(
+        _make_step(_name, _operation),
+        name=_name,
+        when=_first_time_only if _name == "gate" else None,
+    )
+
 
 class Reporter:
-    """Engine hooks: report checkpoints and completions, optionally pause after a step."""
+    """Engine hooks: report checkpoints and completions, optionally pause around a step."""
 
-    def __init__(self, pause_after: str | None) -> None:
+    def __init__(self, pause_after: str | None, pause_before: str | None = None) -> None:
         self.pause_after = pause_after
+        self.pause_before = pause_before
+
+    async def reflow_step_started(self, event: StepStarted) -> None:
+        """Called before the step's function (after a ``when=`` step's decision is stored)."""
+        if event.step == self.pause_before:
+            emit("PAUSED", event.run_id, event.step)
+            await asyncio.Future()  # never returns: the test kills this process here
 
     async def reflow_step_completed(self, event: StepCompleted) -> None:
         """Called after the step's checkpoint is committed."""
@@ -155,35 +234,81 @@ def _lease(lease_id: str) -> str:
 
 
 class LoggingStorage:
-    """Delegates to a real adapter, logging claims and every lease-checked write's answer."""
+    """Delegates to a real adapter, logging claims and every lease-checked write's answer
+    (each line stamped with the time the call was sent).
 
-    def __init__(self, inner: StorageAdapter) -> None:
+    ``hang_heartbeats_after``: every ``heartbeat_run`` call after that many never returns
+    (until the engine gives up on it) and never reaches the store. ``claims_hang_too``:
+    from the first hung heartbeat on, every claim finds nothing (without it, the worker
+    may well re-claim the run it fenced itself off, once its lease expired).
+    """
+
+    def __init__(
+        self,
+        inner: StorageAdapter,
+        *,
+        hang_heartbeats_after: int | None = None,
+        claims_hang_too: bool = False,
+        log_heartbeats: bool = False,
+    ) -> None:
         self._inner = inner
+        self._hang_after = hang_heartbeats_after
+        self._claims_hang_too = claims_hang_too
+        self._log_heartbeats = log_heartbeats
+        self._heartbeats = 0
+        self._hung = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     async def claim_next_run(
-        self, workflow_names: Collection[str], stale_before: int | None = None
+        self,
+        workflow_names: Collection[str],
+        *,
+        lease_ms: int,
+        holder: LeaseHolder | None = None,
     ) -> ClaimedRun | None:
         """Claim, and report the claim."""
-        claimed = await self._inner.claim_next_run(workflow_names, stale_before)
+        if self._hung and self._claims_hang_too:
+            return None
+        sent = time.time_ns()
+        claimed = await self._inner.claim_next_run(workflow_names, lease_ms=lease_ms, holder=holder)
         if claimed is not None:
-            emit("CLAIM", claimed.run.id, _lease(claimed.lease_id), claimed.run.attempt)
+            run = claimed.run
+            who = "-" if run.holder is None else run.holder.worker
+            emit(
+                "CLAIM", run.id, _lease(claimed.lease_id), run.attempt, run.recoveries, who, at=sent
+            )
         return claimed
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
-        """Heartbeat, reporting only a lost lease (heartbeats are frequent)."""
+        """Heartbeat, reporting a lost lease (every answer with ``log_heartbeats``), or hang."""
+        sent = time.time_ns()
+        self._heartbeats += 1
+        if self._hang_after is not None and self._heartbeats > self._hang_after:
+            self._hung = True
+            emit("HEARTBEAT", run_id, _lease(lease_id), "hang", at=sent)
+            await asyncio.Future()  # a call that never comes back (cancellable)
         held = await self._inner.heartbeat_run(run_id, lease_id)
-        if not held:
-            emit("HEARTBEAT", run_id, _lease(lease_id), "-> False")
+        if not held or self._log_heartbeats:
+            emit("HEARTBEAT", run_id, _lease(lease_id), "->", held, at=sent)
         return held
 
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
         """Save a step row, reporting the answer."""
+        sent = time.time_ns()
         saved = await self._inner.save_step_result(result, lease_id)
         lease = "-" if lease_id is None else _lease(lease_id)
-        emit("WRITE save_step_result", result.run_id, result.name, lease, "->", saved)
+        emit(
+            "WRITE save_step_result",
+            result.run_id,
+            result.name,
+            lease,
+            result.status.value,
+            "->",
+            saved,
+            at=sent,
+        )
         return saved
 
     async def update_claimed_run_status(
@@ -196,20 +321,24 @@ class LoggingStorage:
         error: ErrorInfo | None = None,
     ) -> bool:
         """Change a held run's status, reporting the answer."""
+        sent = time.time_ns()
         stored = await self._inner.update_claimed_run_status(
             run_id, lease_id, status, output=output, error=error
         )
         lease = _lease(lease_id)
-        emit("WRITE update_claimed_run_status", run_id, status.value, lease, "->", stored)
+        emit("WRITE update_claimed_run_status", run_id, status.value, lease, "->", stored, at=sent)
         return stored
 
     async def consume_event(
         self, event_name: str, checkpoint: StepResult, lease_id: str
     ) -> ConsumeResult:
         """Consume an event with its checkpoint, reporting whether the lease was held."""
+        sent = time.time_ns()
         result = await self._inner.consume_event(event_name, checkpoint, lease_id)
         lease = _lease(lease_id)
-        emit("WRITE consume_event", checkpoint.run_id, event_name, lease, "->", result.held)
+        emit(
+            "WRITE consume_event", checkpoint.run_id, event_name, lease, "->", result.held, at=sent
+        )
         return result
 
 
@@ -223,22 +352,60 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--poll", type=float, default=0.05, help="poll interval (s)")
     parser.add_argument("--hold", help="step that waits for a line on stdin")
     parser.add_argument("--pause-after", help="step after whose checkpoint the run pauses")
+    parser.add_argument("--pause-before", help="step before whose function the run pauses")
     parser.add_argument("--work-ms", default="0,0", help="LOW,HIGH random work per step (ms)")
+    parser.add_argument("--worker-id", help="the engine's worker id (the lease holder's name)")
+    parser.add_argument(
+        "--skew-ms", type=int, default=0, help="offset of the engine's clock= from the host's (ms)"
+    )
+    parser.add_argument(
+        "--hang-heartbeats-after",
+        type=int,
+        default=None,
+        help="heartbeat_run calls after the first N hang forever",
+    )
+    parser.add_argument(
+        "--claims-hang-too",
+        action="store_true",
+        help="once a heartbeat hung, claims find nothing",
+    )
+    parser.add_argument(
+        "--log-heartbeats", action="store_true", help="report every heartbeat's answer"
+    )
     return parser.parse_args(argv)
+
+
+class _EmitLogs(logging.Handler):
+    """The engine's log records as ``LOG <level> <message>`` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage().replace("\n", " ")
+        emit("LOG", record.levelname, message)
 
 
 async def _serve(args: argparse.Namespace) -> None:
     # A delegating wrapper: structurally the adapter it wraps, which mypy cannot see.
-    storage = cast("StorageAdapter", LoggingStorage(open_storage(args.store)))
+    storage = cast(
+        "StorageAdapter",
+        LoggingStorage(
+            open_storage(args.store),
+            hang_heartbeats_after=args.hang_heartbeats_after,
+            claims_hang_too=args.claims_hang_too,
+            log_heartbeats=args.log_heartbeats,
+        ),
+    )
+    skew = args.skew_ms
     engine = Engine(
         storage,
-        [FIVE],
+        [FIVE, GATED],
         concurrency=args.concurrency,
         lease=LeaseOptions(duration=args.lease, heartbeat_interval=args.heartbeat),
         poll_interval=args.poll,
-        hooks=[Reporter(args.pause_after)],
+        hooks=[Reporter(args.pause_after, args.pause_before)],
         on_error=lambda error: emit("ERROR", type(error).__name__, str(error).replace("\n", " ")),
         use_plugins=False,
+        clock=(lambda: system_clock() + skew) if skew else None,
+        worker_id=args.worker_id,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -248,6 +415,7 @@ async def _serve(args: argparse.Namespace) -> None:
         await engine.start()
         emit("READY", PID)
         await stop.wait()
+        emit("STOPPING", PID)
     finally:
         await engine.stop()
         await storage.close()
@@ -262,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
     CONFIG.hold = args.hold
     CONFIG.work_ms = (low, high)
     crash_ledger.init(args.ledger)
+    reflow_log = logging.getLogger("reflow")
+    reflow_log.addHandler(_EmitLogs())
+    reflow_log.setLevel(logging.INFO)
+    reflow_log.propagate = False
     asyncio.run(_serve(args))
     return 0
 

@@ -17,12 +17,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from crash_app import FIVE
+from crash_app import FIVE, GATED
 from crash_ledger import Execution
 
 from reflow_core import (
@@ -40,6 +40,7 @@ __all__ = [
     "Store",
     "WorkerProcess",
     "by_step",
+    "overlaps",
     "process_state",
     "store_url",
     "wait_until",
@@ -65,11 +66,24 @@ def wait_until(what: str, check: Callable[[], T | None], timeout: float, every: 
         time.sleep(every)
 
 
+_STAMP = re.compile(r"^(.*) @(\d+)$")
+
+
+def _split_stamp(raw: str) -> tuple[str, int]:
+    """A worker's line without its trailing `` @<ns>`` stamp, and the stamp (0 if none)."""
+    match = _STAMP.match(raw)
+    if match is None:
+        return raw, 0
+    return match.group(1), int(match.group(2))
+
+
 class WorkerProcess:
     """One ``crash_app.py`` process.
 
     Its stdout is a pipe read without blocking (``select``), or a file when
     ``stdout_to_file`` (for long runs nobody follows live); stderr always goes to a file.
+    :attr:`lines` holds the lines without their time stamps, :attr:`stamps` the stamps
+    (``time.time_ns()`` in the worker when the fact happened), index for index.
     """
 
     def __init__(
@@ -87,6 +101,12 @@ class WorkerProcess:
         pause_after: str | None = None,
         work_ms: tuple[int, int] = (0, 0),
         stdout_to_file: bool = False,
+        pause_before: str | None = None,
+        skew_ms: int = 0,
+        hang_heartbeats_after: int | None = None,
+        claims_hang_too: bool = False,
+        log_heartbeats: bool = False,
+        worker_id: str | None = None,
     ) -> None:
         self.name = name
         self.stderr_path = log_dir / f"{name}.stderr"
@@ -106,7 +126,20 @@ class WorkerProcess:
             command.append(f"--hold={hold}")
         if pause_after is not None:
             command.append(f"--pause-after={pause_after}")
+        if pause_before is not None:
+            command.append(f"--pause-before={pause_before}")
+        if skew_ms:
+            command.append(f"--skew-ms={skew_ms}")
+        if hang_heartbeats_after is not None:
+            command.append(f"--hang-heartbeats-after={hang_heartbeats_after}")
+        if claims_hang_too:
+            command.append("--claims-hang-too")
+        if log_heartbeats:
+            command.append("--log-heartbeats")
+        command.append(f"--worker-id={worker_id or name}")
         self.lines: list[str] = []
+        self.stamps: list[int] = []
+        self.paused_at = 0
         self._partial = b""
         self._eof = False
         with self.stderr_path.open("wb") as stderr, _open_or_pipe(self.stdout_path) as stdout:
@@ -138,15 +171,35 @@ class WorkerProcess:
             self._eof = True
             data = b"\n" if self._partial else b""
         *complete, self._partial = (self._partial + data).split(b"\n")
-        self.lines.extend(line.decode() for line in complete)
+        for raw in complete:
+            line, stamp = _split_stamp(raw.decode())
+            self.lines.append(line)
+            self.stamps.append(stamp)
         return True
 
     def output(self) -> list[str]:
         """Every stdout line so far (from the file when stdout goes to one)."""
+        return [line for _, line in self.timed()]
+
+    def timed(self) -> list[tuple[int, str]]:
+        """Every stdout line so far with its stamp: ``(ns, line)``."""
         if self.stdout_path is not None:
-            return self.stdout_path.read_text().splitlines()
+            return [
+                (stamp, line)
+                for line, stamp in map(_split_stamp, self.stdout_path.read_text().splitlines())
+            ]
         self._read(0)
-        return list(self.lines)
+        return list(zip(self.stamps, self.lines, strict=True))
+
+    def matching(self, pattern: str, since: int = 0) -> list[tuple[int, re.Match[str]]]:
+        """Every line so far from index ``since`` matching ``pattern``: ``(stamp, match)``."""
+        regex = re.compile(pattern)
+        found = []
+        for stamp, line in self.timed()[since:]:
+            match = regex.search(line)
+            if match:
+                found.append((stamp, match))
+        return found
 
     def stderr(self) -> str:
         """What the process wrote to stderr so far."""
@@ -154,6 +207,12 @@ class WorkerProcess:
 
     def expect(self, pattern: str, timeout: float = 20.0, since: int = 0) -> re.Match[str]:
         """The first stdout line from index ``since`` matching ``pattern``, waiting for it."""
+        return self.expect_at(pattern, timeout, since)[1]
+
+    def expect_at(
+        self, pattern: str, timeout: float = 20.0, since: int = 0
+    ) -> tuple[int, re.Match[str]]:
+        """Like :meth:`expect`, with the matching line's index in :attr:`lines`."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         index = since
@@ -161,7 +220,7 @@ class WorkerProcess:
             for index in range(index, len(self.lines)):  # noqa: B020 - resumes the scan
                 match = regex.search(self.lines[index])
                 if match:
-                    return match
+                    return index, match
             index = len(self.lines)
             remaining = deadline - time.monotonic()
             if self._eof or remaining <= 0:
@@ -183,8 +242,10 @@ class WorkerProcess:
         """SIGSTOP: the process (and its heartbeats) stop dead, holding whatever it holds.
 
         Returns once the stop took effect and everything printed before it was read: the
-        index in :attr:`lines` of the first line printed after :meth:`resume`.
+        index in :attr:`lines` of the first line printed after :meth:`resume`. The time
+        just before the signal (``time.time_ns()``) is kept in :attr:`paused_at`.
         """
+        self.paused_at = time.time_ns()
         os.kill(self.pid, signal.SIGSTOP)
         wait_until("SIGSTOP to take effect", lambda: process_state(self.pid) == "T", 5, 0.005)
         while self._read(0):
@@ -205,7 +266,19 @@ class WorkerProcess:
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM (graceful stop), reading stdout to the end; returns the exit status."""
+        self.terminate()
+        self._drain(timeout)
+        return self.proc.wait(timeout=timeout)
+
+    def terminate(self) -> int:
+        """SIGTERM without waiting (the engine's ``stop(grace=0)``); returns the signal time
+        (``time.time_ns()`` just before it)."""
+        sent = time.time_ns()
         self.proc.send_signal(signal.SIGTERM)
+        return sent
+
+    def wait_exit(self, timeout: float = 20.0) -> int:
+        """Read stdout to the end and reap the process; its exit status."""
         self._drain(timeout)
         return self.proc.wait(timeout=timeout)
 
@@ -277,14 +350,19 @@ class Store:
     def _await(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._runner.run(coro)
 
-    def enqueue(self, inputs: Iterable[int]) -> list[str]:
-        """Enqueue one ``five`` run per ``n``; their ids, in order."""
-        engine = Engine(self.storage, [FIVE], use_plugins=False)
+    def enqueue(self, inputs: Iterable[int], workflow: str = "five") -> list[str]:
+        """Enqueue one run of ``workflow`` (``five`` or ``gated``) per ``n``; their ids, in
+        order."""
+        engine = Engine(self.storage, [FIVE, GATED], use_plugins=False)
 
         async def enqueue_all() -> list[str]:
-            return [(await engine.enqueue(FIVE, {"n": n})).id for n in inputs]
+            return [(await engine.enqueue(workflow, {"n": n})).id for n in inputs]
 
         return self._await(enqueue_all())
+
+    def now(self) -> int:
+        """The store's clock (ms), the one that judges leases."""
+        return self._await(self.storage.now())
 
     def run(self, run_id: str) -> WorkflowRun:
         """A run that must exist."""
@@ -323,6 +401,26 @@ class Store:
             self._await(self.storage.close())
         finally:
             self._runner.close()
+
+
+def overlaps(
+    executions: Iterable[Execution], killed: Mapping[int, int] | None = None
+) -> list[tuple[Execution, Execution]]:
+    """Pairs of executions of the same ``(run, step)`` that ran at the same time: the later
+    one started before the earlier one finished. An execution that never finished ends
+    when its process was SIGKILLed (``killed``: pid to kill time), else never."""
+    killed = killed or {}
+    groups: dict[tuple[str, str], list[Execution]] = {}
+    for execution in executions:
+        groups.setdefault((execution.run_id, execution.step), []).append(execution)
+    found = []
+    for group in groups.values():
+        for i, earlier in enumerate(group):
+            for later in group[i + 1 :]:
+                ended = earlier.finished_ns or killed.get(earlier.pid)
+                if ended is None or later.started_ns < ended:
+                    found.append((earlier, later))
+    return found
 
 
 def by_step(executions: Iterable[Execution]) -> dict[str, list[Execution]]:

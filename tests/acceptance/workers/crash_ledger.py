@@ -20,7 +20,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Execution", "checkpointed", "finish", "init", "read_all", "start"]
+__all__ = [
+    "Decision",
+    "Execution",
+    "checkpointed",
+    "decide",
+    "finish",
+    "init",
+    "read_all",
+    "read_decisions",
+    "start",
+]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS executions (
@@ -32,8 +42,28 @@ CREATE TABLE IF NOT EXISTS executions (
     started_ns  INTEGER NOT NULL,
     finished_ns INTEGER,
     checkpointed_ns INTEGER
-)
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id      TEXT    NOT NULL,
+    step        TEXT    NOT NULL,
+    pid         INTEGER NOT NULL,
+    answer      INTEGER NOT NULL,
+    decided_ns  INTEGER NOT NULL
+);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One evaluation of a ``when=`` predicate and what it answered."""
+
+    id: int
+    run_id: str
+    step: str
+    pid: int
+    answer: bool
+    decided_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +96,7 @@ def init(path: Path | str) -> None:
     conn = _connect(path)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(_SCHEMA)
+        conn.executescript(_SCHEMA)
     finally:
         conn.close()
 
@@ -121,3 +151,39 @@ def read_all(path: Path | str) -> list[Execution]:
     finally:
         conn.close()
     return [Execution(*row) for row in rows]
+
+
+def decide(path: Path | str, run_id: str, step: str, pid: int) -> bool:
+    """Record an evaluation of ``step``'s predicate for ``run_id``; committed on return.
+
+    Answers ``True`` on the first evaluation for that run and step and ``False`` on every
+    later one (in one ``BEGIN IMMEDIATE``, so two processes cannot both be first): a
+    predicate whose answer changes if it is ever asked again.
+    """
+    conn = _connect(path)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        (before,) = conn.execute(
+            "SELECT count(*) FROM decisions WHERE run_id = ? AND step = ?", (run_id, step)
+        ).fetchone()
+        answer = before == 0
+        conn.execute(
+            "INSERT INTO decisions (run_id, step, pid, answer, decided_ns) VALUES (?, ?, ?, ?, ?)",
+            (run_id, step, pid, int(answer), time.time_ns()),
+        )
+        conn.execute("COMMIT")
+        return answer
+    finally:
+        conn.close()
+
+
+def read_decisions(path: Path | str) -> list[Decision]:
+    """Every recorded predicate evaluation, in order."""
+    conn = _connect(path)
+    try:
+        rows = conn.execute(
+            "SELECT id, run_id, step, pid, answer, decided_ns FROM decisions ORDER BY id"
+        ).fetchall()
+    finally:
+        conn.close()
+    return [Decision(i, r, s, p, bool(a), d) for i, r, s, p, a, d in rows]
