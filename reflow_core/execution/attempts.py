@@ -85,6 +85,7 @@ def engine_cancelled(ex: RunExecution) -> bool:
 async def _attempt(
     ex: RunExecution, unit: StepUnit, attempt: int, scope: set[CancelSignal] | None
 ) -> Any:
+    ex.guard()  # never start a step once the lease fence has passed
     signal = CancelSignal()
     ex.active.signals.add(signal)
     if scope is not None:

@@ -1,7 +1,9 @@
-"""Chaos: a fleet of worker processes SIGKILLed at random and restarted (issue 5).
+"""Chaos: a fleet of worker processes SIGKILLed at random and restarted (issue 5), with
+clocks that disagree (issue 8).
 
 Three ``workers/crash_app.py`` processes share one store and execute 200 five-step
-runs whose steps take 150-650 ms each. A chaos loop driven by a seeded RNG (the seed is
+runs whose steps take 150-650 ms each. Each worker's clock is a whole lease ahead of,
+behind, or in step with the store's. A chaos loop driven by a seeded RNG (the seed is
 printed; ``REFLOW_CHAOS_SEED`` replays one) SIGKILLs a random worker at random moments,
 sixteen times, starting a fresh worker after each kill; then the fleet finishes.
 
@@ -51,6 +53,8 @@ KILLS = 16
 KILL_GAP_S = (0.3, 1.5)
 """Random pause between kills (at most 24 s in all). The runs need at least 33 s of step
 work on 12 slots, so every kill lands while work remains."""
+SKEW_MS = 3000
+"""Workers' clocks run a whole lease ahead of or behind the store's (and each other's)."""
 WORKER_OPTIONS = {
     "concurrency": 4,
     "lease": 3.0,
@@ -160,15 +164,20 @@ def test_fleet_survives_random_sigkills(url: str, tmp_path: Path) -> None:
     try:
         run_ids = store.enqueue(range(RUNS))
         with Fleet(url, ledger, tmp_path) as fleet:
+            # Every worker's clock is off by a lease either way, or right: since 2.0 the
+            # store's clock alone decides leases, so skew must change nothing below.
+            skews = (-SKEW_MS, 0, SKEW_MS)
             live: list[WorkerProcess] = [
-                fleet.start(f"w{slot}", **WORKER_OPTIONS) for slot in range(WORKERS)
+                fleet.start(f"w{slot}", skew_ms=skews[slot % 3], **WORKER_OPTIONS)
+                for slot in range(WORKERS)
             ]
             for kill in range(KILLS):
                 time.sleep(rng.uniform(*KILL_GAP_S))  # the chaos schedule, not synchronisation
                 assert not _all_completed(store), f"work ran out after {kill} kills; resize"
                 slot = rng.randrange(WORKERS)
                 kills[live[slot].pid] = live[slot].kill()
-                live[slot] = fleet.start(f"w{slot}-{kill}", **WORKER_OPTIONS)
+                skew = rng.choice(skews)
+                live[slot] = fleet.start(f"w{slot}-{kill}", skew_ms=skew, **WORKER_OPTIONS)
             chaos_s = time.monotonic() - began
             wait_until("every run to complete", lambda: _all_completed(store), FINISH_TIMEOUT_S)
             for worker in live:
