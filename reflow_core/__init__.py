@@ -48,6 +48,7 @@ from reflow_core.hookspecs import hookimpl
 from reflow_core.lease import LeaseOptions
 from reflow_core.observers import EventStream
 from reflow_core.registry import (
+    AdapterOption,
     AdapterSpec,
     Capability,
     adapter_specs,
@@ -89,6 +90,7 @@ __all__ = [
     "AdapterConflictError",
     "AdapterError",
     "AdapterNotFoundError",
+    "AdapterOption",
     "AdapterSpec",
     "Branch",
     "CancelSignal",

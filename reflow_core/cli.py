@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from reflow_core.errors import ReflowError
-from reflow_core.registry import open_storage
+from reflow_core.registry import AdapterOption, AdapterSpec, adapter_specs, open_storage
 from reflow_core.types import RunFilter, RunStatus, StepResult, WorkflowRun
 
 if TYPE_CHECKING:
@@ -89,10 +89,52 @@ async def _read_runs(
         await storage.close()
 
 
+def _option_line(option: AdapterOption) -> str:
+    default = f" (default: {option.default})" if option.default else ""
+    return f"{option.name}: {option.meaning}{default}"
+
+
+def _adapter_json(spec: AdapterSpec) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "distribution": spec.distribution,
+        "version": spec.version,
+        "schemes": list(spec.schemes),
+        "capabilities": sorted(c.value for c in spec.capabilities),
+        "options": [
+            {"name": o.name, "meaning": o.meaning, "default": o.default} for o in spec.options
+        ],
+        "description": spec.description,
+    }
+
+
+def _conformance_epilog(formatter: click.HelpFormatter) -> None:
+    """The installed adapters' kit options, for ``reflow conformance --help``."""
+    try:
+        specs = sorted(adapter_specs().values(), key=lambda spec: spec.name)
+    except ReflowError:
+        return
+    rows = [
+        (f"{spec.name}: {option.name}=", _option_line(option).split(": ", 1)[1])
+        for spec in specs
+        for option in spec.options
+    ]
+    if rows:
+        with formatter.section("Adapter options (--option KEY=VALUE)"):
+            formatter.write_dl(rows)
+
+
 def build_cli() -> click.Group:
     """The click command group (a function, so click is imported only when it runs)."""
     import click
     from rich.table import Table
+
+    class ConformanceCommand(click.Command):
+        """``reflow conformance --help`` lists each installed adapter's kit options."""
+
+        def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+            super().format_epilog(ctx, formatter)
+            _conformance_epilog(formatter)
 
     def read(
         url: str, filter: RunFilter | None = None, run_id: str | None = None
@@ -195,7 +237,29 @@ def build_cli() -> click.Group:
         )
         sys.exit(worker_module.run(config, processes))
 
-    @cli.command()
+    @cli.command("adapters")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    def list_adapters(as_json: bool) -> None:
+        """List the installed storage adapters: where they come from, the URL schemes
+        they serve, what they declare, and the options their conformance run takes."""
+        specs = sorted(adapter_specs().values(), key=lambda spec: spec.name)
+        if as_json:
+            click.echo(json.dumps([_adapter_json(spec) for spec in specs], indent=2))
+            return
+        table = Table(title="storage adapters", title_justify="left")
+        for column in ("name", "distribution", "schemes", "capabilities", "kit options"):
+            table.add_column(column)
+        for spec in specs:
+            table.add_row(
+                spec.name,
+                f"{spec.distribution or '-'} {spec.version or ''}".strip(),
+                ", ".join(f"{scheme}://" for scheme in spec.schemes) or "-",
+                ", ".join(sorted(c.value for c in spec.capabilities)) or "-",
+                "\n".join(_option_line(option) for option in spec.options) or "-",
+            )
+        _console().print(table)
+
+    @cli.command(cls=ConformanceCommand)
     @click.argument("name")
     @click.option("--option", "options", multiple=True, metavar="KEY=VALUE")
     @click.option("--select", metavar="PATTERN", help="Run only the matching cases.")

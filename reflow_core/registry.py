@@ -31,6 +31,7 @@ from reflow_core.errors import (
 from reflow_core.storage import StorageAdapter
 
 __all__ = [
+    "AdapterOption",
     "AdapterSpec",
     "Capability",
     "adapter_specs",
@@ -77,6 +78,16 @@ store's "now" (on a server adapter, as a test-only override of the server's time
 the kit can move time by hand. Must do no I/O (``initialize`` does)."""
 
 
+class AdapterOption(msgspec.Struct, frozen=True, kw_only=True):
+    """One ``--reflow-option KEY=VALUE`` an adapter's conformance factory understands,
+    declared so that ``reflow adapters`` and ``reflow conformance --help`` can show it."""
+
+    name: str
+    meaning: str
+    default: str | None = None
+    """What applies when the option is not given (in words, e.g. ``"$REFLOW_TEST_DSN"``)."""
+
+
 class AdapterSpec(msgspec.Struct, frozen=True, kw_only=True):
     """How to find, build and test one storage adapter."""
 
@@ -86,6 +97,8 @@ class AdapterSpec(msgspec.Struct, frozen=True, kw_only=True):
     """URL schemes served, e.g. ``("sqlite",)``."""
     capabilities: frozenset[Capability] = frozenset()
     conformance_factory: ConformanceFactory | None = None
+    options: tuple[AdapterOption, ...] = ()
+    """The ``--reflow-option`` keys the conformance factory understands."""
     description: str = ""
     distribution: str | None = None
     """Filled in by the registry: the installed distribution that provided it."""

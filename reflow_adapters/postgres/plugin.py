@@ -16,7 +16,7 @@ from typing import Any
 
 from reflow_core.errors import ConfigError
 from reflow_core.hookspecs import hookimpl
-from reflow_core.registry import AdapterSpec, Capability
+from reflow_core.registry import AdapterOption, AdapterSpec, Capability
 from reflow_core.storage import Clock, StorageAdapter
 
 __all__ = ["create", "create_for_conformance", "reflow_adapters"]
@@ -106,6 +106,13 @@ def reflow_adapters() -> list[AdapterSpec]:
                 }
             ),
             conformance_factory=create_for_conformance,
+            options=(
+                AdapterOption(
+                    name="dsn",
+                    meaning="the server to test against; each case gets a schema of its own",
+                    default=f"${TEST_DSN_ENV}",
+                ),
+            ),
             description="PostgreSQL via psycopg 3: many workers on many machines, LISTEN/NOTIFY",
         )
     ]

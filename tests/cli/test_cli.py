@@ -311,3 +311,20 @@ def test_runs_show_names_the_holder_of_a_running_run(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "worker w-9 on box (pid 4242)" in result.output
     assert "lease to" in result.output
+
+
+def test_adapters_lists_what_is_installed_with_its_kit_options() -> None:
+    listed = invoke("adapters", "--json")
+    assert listed.exit_code == 0
+    adapters = {a["name"]: a for a in json.loads(listed.output)}
+    assert {"memory", "sqlite", "apsw", "postgres"} <= set(adapters)
+    postgres = adapters["postgres"]
+    assert postgres["distribution"] == "reflow"
+    assert postgres["schemes"] == ["postgresql", "postgres"]
+    assert "notify" in postgres["capabilities"]
+    assert [o["name"] for o in postgres["options"]] == ["dsn"]
+    assert postgres["options"][0]["default"] == "$REFLOW_TEST_POSTGRES_DSN"
+    table = invoke("adapters")
+    assert table.exit_code == 0 and "postgresql://" in table.output
+    help_text = invoke("conformance", "--help").output
+    assert "postgres: dsn=" in help_text
