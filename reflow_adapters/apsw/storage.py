@@ -40,7 +40,7 @@ class _APSWConnection:
 
 
 class _APSWDriver:
-    """The APSW driver: its errors, busy detection and version."""
+    """The APSW driver: its errors, busy and disk-full detection, and version."""
 
     name = "apsw"
     errors: tuple[type[BaseException], ...] = (apsw.Error,)
@@ -50,6 +50,9 @@ class _APSWDriver:
 
     def is_busy(self, exc: BaseException) -> bool:
         return isinstance(exc, (apsw.BusyError, apsw.LockedError))
+
+    def is_full(self, exc: BaseException) -> bool:
+        return isinstance(exc, apsw.FullError)
 
     def library_version(self) -> Sequence[int]:
         return tuple(int(part) for part in apsw.sqlite_lib_version().split("."))

@@ -16,6 +16,7 @@ __all__ = ["SQLiteStorage"]
 
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
+_SQLITE_FULL = 13
 
 
 class _Sqlite3Connection:
@@ -43,7 +44,7 @@ class _Sqlite3Connection:
 
 
 class _Sqlite3Driver:
-    """The stdlib driver: its errors, busy detection and version."""
+    """The stdlib driver: its errors, busy and disk-full detection, and version."""
 
     name = "sqlite3"
     errors: tuple[type[BaseException], ...] = (sqlite3.Error, sqlite3.Warning)
@@ -56,6 +57,12 @@ class _Sqlite3Driver:
         if code is not None:
             return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
         return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+    def is_full(self, exc: BaseException) -> bool:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None:
+            return bool(code & 0xFF == _SQLITE_FULL)
+        return isinstance(exc, sqlite3.OperationalError) and "is full" in str(exc)
 
     def library_version(self) -> Sequence[int]:
         return sqlite3.sqlite_version_info

@@ -44,8 +44,8 @@ class Connection(Protocol):
 class Driver(Protocol):
     """What differs between sqlite3 and APSW, in one object per adapter.
 
-    ``errors`` and :meth:`is_busy` let the shared code catch and translate driver
-    exceptions in one place without importing the driver.
+    ``errors``, :meth:`is_busy` and :meth:`is_full` let the shared code catch and
+    translate driver exceptions in one place without importing the driver.
     """
 
     name: str
@@ -60,6 +60,10 @@ class Driver(Protocol):
 
     def is_busy(self, exc: BaseException) -> bool:
         """True for SQLITE_BUSY / SQLITE_LOCKED: another connection holds the lock."""
+        ...
+
+    def is_full(self, exc: BaseException) -> bool:
+        """True for SQLITE_FULL: the disk (or the database's size limit) is full."""
         ...
 
     def library_version(self) -> Sequence[int]:

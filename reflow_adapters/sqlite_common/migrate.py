@@ -17,12 +17,45 @@ from reflow_adapters.sqlite_common import sql
 from reflow_adapters.sqlite_common.driver import Connection, Driver
 from reflow_core.errors import ConfigError, StorageError
 
-__all__ = ["MIN_SQLITE", "SYNCHRONOUS_MODES", "configure", "migrate"]
+__all__ = [
+    "MIN_SQLITE",
+    "SYNCHRONOUS_MODES",
+    "WAL_AUTOCHECKPOINT_PAGES",
+    "configure",
+    "migrate",
+    "wal_limits",
+]
 
 MIN_SQLITE = (3, 35, 0)
 """Oldest SQLite with everything the queries use (RETURNING, UPDATE ... FROM, UPSERT)."""
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+WAL_AUTOCHECKPOINT_PAGES = 1000
+"""The most WAL pages the writer lets a commit leave before it checkpoints (SQLite's
+default, about 4 MiB): where the volume has room, checkpoints stay as rare as SQLite
+makes them, since each one syncs the WAL and the database file."""
+
+MIN_WAL_AUTOCHECKPOINT_PAGES = 16
+
+WAL_SHARE_OF_FREE_SPACE = 8
+"""On a volume with little room the WAL may take at most 1/8 of the free space before
+it is checkpointed: on a 3 MB volume SQLite's default would let the WAL alone fill it
+before its first checkpoint."""
+
+
+def wal_limits(free_bytes: int, page_size: int) -> tuple[int, int]:
+    """``(wal_autocheckpoint, journal_size_limit)`` for a volume with ``free_bytes`` free.
+
+    The autocheckpoint (in pages) is a share of the free space, between 16 pages and
+    :data:`WAL_AUTOCHECKPOINT_PAGES`. The size limit (bytes a WAL is cut back to when it
+    starts over after a checkpoint) is twice that: a WAL reused in place is never cut and
+    regrown, while one that outgrew it (a burst, a long reader holding checkpoints back,
+    a full disk) gives its space back.
+    """
+    share = free_bytes // max(page_size, 512) // WAL_SHARE_OF_FREE_SPACE
+    pages = max(MIN_WAL_AUTOCHECKPOINT_PAGES, min(WAL_AUTOCHECKPOINT_PAGES, share))
+    return pages, 2 * pages * (page_size + 24)  # each WAL frame has a 24-byte header
 
 
 def check_synchronous(value: str) -> str:
@@ -59,7 +92,9 @@ def configure(
     """Set the pragmas every connection needs.
 
     PRAGMA takes no bound parameters, so values are formatted in; both are validated
-    (an int, and a member of :data:`SYNCHRONOUS_MODES`) before they get here.
+    (an int, and a member of :data:`SYNCHRONOUS_MODES`) before they get here. ``wal``
+    marks the writer's connection; the writer thread then sizes the WAL to the volume
+    (:func:`wal_limits`, applied by ``worker.py``).
     """
     # busy_timeout first: the journal-mode change below may have to wait for a lock.
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")

@@ -17,6 +17,11 @@ thread and awaits its answer:
 
 A job's future belongs to the event loop that called the method.
 
+Both threads share one :class:`~reflow_adapters.sqlite_common.worker.Health`: once a
+thread finds the store unusable (its database file deleted or replaced under it, or a
+thread dead), every call fails at once with a ``StorageError`` saying why, and
+``close()`` still returns promptly. See ``worker.py`` and ``files.py``.
+
 The store's clock (contract 2.0) is the adapter's ``clock``: every process sharing a
 file is on one host, so one wall clock judges leases, wake-ups and due schedules. Each
 method reads it once, on the caller's side, and binds it as ``:now``; a job queued
@@ -27,6 +32,7 @@ it see a lease or a wake-up as due later, never sooner.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import os
 import uuid
@@ -38,6 +44,7 @@ import msgspec
 
 from reflow_adapters.sqlite_common import migrate, ops
 from reflow_adapters.sqlite_common.driver import Connection, Driver
+from reflow_adapters.sqlite_common.files import DatabaseFiles
 from reflow_adapters.sqlite_common.rows import (
     error_text,
     holder_text,
@@ -46,7 +53,7 @@ from reflow_adapters.sqlite_common.rows import (
     step_params,
     value_text,
 )
-from reflow_adapters.sqlite_common.worker import Job, Worker, retry_busy
+from reflow_adapters.sqlite_common.worker import Health, Job, Worker, retry_busy
 from reflow_core.errors import ConfigError, StorageError
 from reflow_core.storage import Clock, system_clock
 from reflow_core.types import (
@@ -68,11 +75,20 @@ __all__ = ["SQLiteStorageBase"]
 
 T = TypeVar("T")
 MEMORY = ":memory:"
+_STOP_POLL_S = 0.1
+"""How often ``close()`` looks whether a thread it waits for is still alive."""
 
 
 def _names(names: Collection[str]) -> str:
     """A list of names as the JSON array the queries expand with json_each."""
     return msgspec.json.encode(list(names)).decode()
+
+
+async def _stopped(worker: Worker, done: concurrent.futures.Future[None]) -> None:
+    """Wait until ``worker`` acknowledges a stop, or its thread is gone without doing so."""
+    waiter = asyncio.wrap_future(done)
+    while not waiter.done() and worker.is_alive():
+        await asyncio.wait([waiter], timeout=_STOP_POLL_S)
 
 
 def _stop_workers(*workers: Worker | None) -> None:
@@ -116,6 +132,7 @@ class SQLiteStorageBase:
         self.url = None if self._in_memory else f"{self.scheme}:///{self._path}"
         self._writer: Worker | None = None
         self._reader: Worker | None = None
+        self._health = Health(None if self._in_memory else DatabaseFiles(self._path))
         self._closed = False
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
@@ -128,6 +145,8 @@ class SQLiteStorageBase:
         """Open connections, set pragmas, migrate. Idempotent; safe from many processes."""
         if self._closed:
             raise StorageError("initialize", "the storage is closed")
+        if self._health.failed:
+            raise self._health.error("initialize")
         if self._writer is not None:
             await asyncio.wrap_future(self._writer.ready)
             return
@@ -152,6 +171,7 @@ class SQLiteStorageBase:
             setup,
             transactional=transactional,
             name=f"reflow-{self.scheme}-{role}",
+            health=self._health,
         )
         worker.start()
         return worker
@@ -194,7 +214,9 @@ class SQLiteStorageBase:
             ready = asyncio.wrap_future(worker.ready)
             await asyncio.wait([ready])
             if ready.exception() is None and worker.is_alive():
-                await asyncio.wrap_future(worker.stop())
+                # A thread that died has answered its queue and any stop (worker.py);
+                # should one ever end without doing so, is_alive() ends the wait.
+                await _stopped(worker, worker.stop())
             worker.join()
         self._reader = self._writer = None
 
@@ -217,6 +239,8 @@ class SQLiteStorageBase:
             raise StorageError(operation, "the storage is closed")
         if self._writer is None:
             raise StorageError(operation, "the storage is not initialized; call initialize()")
+        if self._health.failed:
+            raise self._health.error(operation)
         if not scan or self._reader is None:
             return self._writer
         return self._reader
