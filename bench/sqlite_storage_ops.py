@@ -43,7 +43,7 @@ async def _one_run(storage: SQLiteStorageBase, index: int) -> None:
         updated_at=now,
     )
     await storage.create_run(run)
-    claimed = await storage.claim_next_run(["bench"])
+    claimed = await storage.claim_next_run(["bench"], lease_ms=30_000)
     assert claimed is not None, "every coroutine creates the run it claims"
     for step in range(5):
         result = StepResult(
