@@ -24,7 +24,12 @@ import contextlib
 import heapq
 from collections.abc import Awaitable, Callable, Collection
 
-from reflow_core.errors import LeaseExpiredError, RunCancelledError, StorageError
+from reflow_core.errors import (
+    EngineStoppedError,
+    LeaseExpiredError,
+    RunCancelledError,
+    StorageError,
+)
 from reflow_core.execution import ActiveRun
 from reflow_core.lease import LeaseOptions
 from reflow_core.observers import Observers
@@ -72,6 +77,15 @@ class Dispatcher:
         # during shutdown is released rather than left running under a dead lease.
         self._claims_settled = asyncio.Event()
         self._claims_settled.set()
+        # Quarantine of runs taken over from a dead holder (see _run): while one waits or
+        # runs, no claims are made and it runs alone, one at a time.
+        self._suspects = 0
+        self._claims_open = asyncio.Event()
+        self._claims_open.set()
+        self._alone = asyncio.Lock()
+        self._others = 0
+        self._others_done = asyncio.Event()
+        self._others_done.set()
 
     def stopping(self) -> bool:
         """True once :meth:`stop` was called."""
@@ -129,6 +143,14 @@ class Dispatcher:
         )
         active.arm()
         self.active[active.run_id] = active
+        # Counted now, not when the task first runs: the loop would claim again, and a
+        # suspect could start, in between (see _run_alone).
+        if run.recoveries > 0:
+            self._suspects += 1
+            self._claims_open.clear()
+        else:
+            self._others += 1
+            self._others_done.clear()
         task = asyncio.create_task(
             self._run(claimed, active, previous), name=f"reflow-run-{active.run_id}"
         )
@@ -143,7 +165,9 @@ class Dispatcher:
             if previous is not None:
                 # Never two executions of one run in this process, not even a thread.
                 await previous.settled()
-            if active.abort_reason is None:
+            if claimed.run.recoveries > 0:
+                await self._run_alone(claimed, active)
+            elif active.abort_reason is None:
                 await self._execute(claimed, active)
         except Exception as exc:
             # Storage failed mid-run: the lease lapses and another worker resumes the run.
@@ -152,10 +176,42 @@ class Dispatcher:
             active.disarm()
             if self.active.get(active.run_id) is active:
                 del self.active[active.run_id]
+            if claimed.run.recoveries > 0:
+                self._suspects -= 1
+                if self._suspects == 0:
+                    self._claims_open.set()
+                    self.wake.set()
+            else:
+                self._others -= 1
+                if self._others == 0:
+                    self._others_done.set()
             self._slots.release()
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.discard(task)
+
+    async def _run_alone(self, claimed: ClaimedRun, active: ActiveRun) -> None:
+        """Execute a run taken over from a holder that died, with nothing else beside it.
+
+        Whatever killed its last process (a step that calls ``os._exit``, runs out of
+        memory, crashes in native code) will kill this one too, and every run executing
+        beside it would be taken over again and counted against its own recovery cap.
+        So such a run waits, heartbeating, until this engine's other runs have finished,
+        no new claim is made meanwhile, and suspects run one at a time: a poison run
+        reaches its cap alone, and an innocent one completes on its next try.
+        """
+        try:
+            async with self._alone:
+                await self._others_done.wait()
+                if active.abort_reason is None:
+                    await self._execute(claimed, active)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not isinstance(active.abort_reason, EngineStoppedError) or task is None:
+                raise
+            # Stopped while it waited its turn: nothing ran, hand it back at once.
+            task.uncancel()
+            await self._release(ClaimedRun(claimed.run, active.lease_id))
 
     def _idle_timeout(self) -> float:
         timeout = self.poll_interval
@@ -210,7 +266,7 @@ class Dispatcher:
                 claimed, sent = outcome
                 if claimed is None:
                     self._slots.release()
-                elif self.stopping():
+                elif self.stopping() or self._second_suspect(claimed):
                     self._slots.release()
                     await self._release(claimed)
                 elif self.spawn(claimed, sent) is not None:
@@ -218,6 +274,24 @@ class Dispatcher:
             return started, error
         finally:
             self._claims_settled.set()
+
+    def _second_suspect(self, claimed: ClaimedRun) -> bool:
+        """A run taken over from a dead holder while this engine already holds one: hand
+        it back rather than hold it, or both die together if the first is poison."""
+        return (
+            claimed.run.recoveries > 0
+            and self._suspects > 0
+            and claimed.run.id not in self.active
+        )
+
+    async def _quarantine_done(self) -> None:
+        """Wait until no suspect run waits or runs (or every task has ended)."""
+        while not self._claims_open.is_set() and self._tasks:
+            opened = asyncio.ensure_future(self._claims_open.wait())
+            try:
+                await asyncio.wait([opened, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                opened.cancel()
 
     async def _release(self, claimed: ClaimedRun) -> None:
         try:
@@ -237,11 +311,16 @@ class Dispatcher:
         failures = 0
         wanted = 1
         while not self.stopping():
+            await self._claims_open.wait()
             slots = await self._take_slots(wanted)
-            if self.stopping():
+            if self.stopping() or not self._claims_open.is_set():
+                # Stopping, or a recovered run came in while we waited for a slot: it
+                # must run alone, so claim nothing beside it.
                 for _ in range(slots):
                     self._slots.release()
-                break
+                if self.stopping():
+                    break
+                continue
             self.wake.clear()
             started, error = await self._claim_batch(slots)
             if error is not None:
@@ -264,7 +343,13 @@ class Dispatcher:
         count = 0
         wanted = 1
         while True:
+            if not self._claims_open.is_set():
+                await self._quarantine_done()
             slots = await self._take_slots(wanted)
+            if not self._claims_open.is_set():
+                for _ in range(slots):
+                    self._slots.release()
+                continue
             started, error = await self._claim_batch(slots)
             if error is not None:
                 raise error
@@ -351,4 +436,3 @@ class Dispatcher:
             abort(active)
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-

@@ -264,9 +264,14 @@ def test_poison_runs_fail_with_their_reasons_and_kill_only_the_os_exit_processes
             run.recoveries for run in runs.values() if run.workflow == "good" and run.recoveries
         )
         print(f"[{backend.name}] good runs taken over from dead workers: recoveries {recovered}")
+        # A run taken over from a dead worker runs alone, so the poison run dies alone:
+        # an innocent run caught in the first death is recovered once and completes.
+        assert all(count == 1 for count in recovered), recovered
         hardexit = runs[ids["hardexit"]]
         assert hardexit.recoveries == HARDEXIT_EXECUTIONS, hardexit
-        assert hardexit.attempt == HARDEXIT_EXECUTIONS + 1, hardexit
+        # Claims also count hand-backs (a worker already holding a recovered run hands a
+        # second one back unexecuted), so only a lower bound is exact.
+        assert hardexit.attempt >= HARDEXIT_EXECUTIONS + 1, hardexit
         rows = {row.name: row for row in store.steps(hardexit.id)}
         assert rows["prepare"].output == "prepared", "its checkpoint survived three deaths"
 

@@ -465,3 +465,78 @@ def test_run_outcomes_are_logged_by_an_embedded_engine(
     assert [r.getMessage() for r in cancelled] == [
         f"run {cancelled_id} (logged) was cancelled; stopped executing it"
     ]
+
+
+class ClaimSignals:
+    """Storage proxy that sets an event whenever it hands out a claim of ``workflow``."""
+
+    def __init__(self, inner: Any, workflow: str) -> None:
+        self._inner = inner
+        self.workflow = workflow
+        self.claimed = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def claim_next_run(self, names: Any, **lease: Any) -> Any:
+        claimed = await self._inner.claim_next_run(names, **lease)
+        if claimed is not None and claimed.run.workflow == self.workflow:
+            self.claimed.set()
+        return claimed
+
+
+def test_a_run_taken_over_from_a_dead_worker_runs_alone(
+    storage_factory: Any, clock: FakeClock
+) -> None:
+    """A recovered run may be what killed its last worker: it waits until the engine's
+    other runs finish, no new run starts beside it, and only then does it execute, so
+    it cannot take innocent runs down with it again."""
+    order: list[str] = []
+    gate = asyncio.Event()
+    normal: Workflow[Any] = Workflow("normal")
+    suspect: Workflow[Any] = Workflow("suspect")
+
+    @normal.step
+    async def work(ctx: StepContext[Any]) -> None:
+        order.append(f"{ctx.input}:start")
+        if ctx.input == "first":
+            await gate.wait()
+        order.append(f"{ctx.input}:end")
+
+    @suspect.step
+    async def risky(ctx: StepContext[Any]) -> None:
+        order.append("suspect:start")
+        order.append("suspect:end")
+
+    async def scenario() -> None:
+        inner = storage_factory(clock=clock)
+        storage = ClaimSignals(inner, "suspect")
+        engine = Engine(storage, [normal, suspect], clock=clock, concurrency=4, use_plugins=False)
+        try:
+            first = await engine.enqueue(normal, "first")
+            clock.advance(0.001)  # strictly older: claimed before the suspect
+            crashed = await engine.enqueue(suspect)
+            assert await inner.claim_next_run(["suspect"], lease_ms=1_000) is not None
+            clock.advance(2)  # its holder died: the lease expired by the store's clock
+            await engine.start()
+            await asyncio.wait_for(storage.claimed.wait(), 10)
+            later = await engine.enqueue(normal, "later")
+            gate.set()
+            for run_ in (first, crashed, later):
+                done = await engine.wait_for(run_.id, within=10)
+                assert done.status is RunStatus.COMPLETED
+            assert (await inner.get_run(crashed.id)).recoveries == 1
+        finally:
+            gate.set()
+            await engine.stop()
+            await inner.close()
+
+    run(scenario())
+    assert order == [
+        "first:start",
+        "first:end",
+        "suspect:start",
+        "suspect:end",
+        "later:start",
+        "later:end",
+    ]
