@@ -30,10 +30,22 @@ def _damage(storage: Any, table: str, column: str, where: str, key: str) -> None
             row, _ = rows[step]
             rows[step] = (row, GARBAGE.encode())
         return
-    if name in ("SQLiteStorage", "APSWStorage"):
+    sql = f"UPDATE reflow_{table} SET {column} = ? WHERE {where} = ?"
+    if name == "SQLiteStorage":
         with sqlite3.connect(storage._path) as conn:
-            sql = f"UPDATE reflow_{table} SET {column} = ? WHERE {where} = ?"
             assert conn.execute(sql, (GARBAGE, key)).rowcount == 1
+        return
+    if name == "APSWStorage":
+        # Through APSW's own SQLite: two SQLite libraries in one process do not see each
+        # other's locks, and the stdlib one would delete the WAL the adapter has open.
+        import apsw
+
+        conn = apsw.Connection(storage._path)
+        try:
+            conn.execute(sql, (GARBAGE, key))
+            assert conn.changes() == 1
+        finally:
+            conn.close()
         return
     import psycopg
     from psycopg import sql as pgsql
