@@ -3,7 +3,8 @@
 A case is a plain function registered with :func:`case`. It is independent of pytest:
 the runner (:mod:`reflow_conformance.runner`) and the pytest plugin both walk the same
 registry. Ids are stable (``area.what``) so reports from different versions of the kit
-can be compared; :data:`CONTRACT_VERSION` names the version of the contract they check.
+can be compared; :data:`CONTRACT_VERSION` (re-exported from :mod:`reflow_core.storage`)
+names the version of the contract they check.
 
 Two kinds of case function exist:
 
@@ -23,21 +24,23 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from reflow_core.registry import Capability
+from reflow_core.storage import CONTRACT_VERSION
 
 if TYPE_CHECKING:
     from reflow_conformance.harness import Harness
 
 __all__ = ["CONTRACT_VERSION", "Case", "all_cases", "case", "select_cases"]
 
-CONTRACT_VERSION = "1.0"
-"""Version of the storage contract (``reflow_core/storage.py``) the suite checks."""
-
 SUITE_MODULES = (
     "runs",
     "claim",
+    "clock",
     "leases",
+    "lease_fields",
+    "recoveries",
     "status",
     "steps",
+    "checkpoints",
     "events",
     "consume",
     "listing",

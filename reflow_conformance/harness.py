@@ -3,9 +3,14 @@
 A :class:`Harness` is built by :mod:`reflow_conformance.runner` for one case and torn
 down after it; every handle it opens is closed then, even when the case failed.
 
-Time is never faked: adapters read their own clock (the conformance factory takes no
-clock), so cases use times far from :func:`~reflow_core.storage.system_clock` —
-:meth:`Harness.past` and :meth:`Harness.future` — and never sleep.
+Time is the kit's: every case gets a :class:`KitClock`, a manual clock that starts near
+real time and moves only when the case calls :meth:`Harness.advance`. The conformance
+factory receives it as ``clock=`` and the adapter must use it as the store's "now"
+(:meth:`~reflow_core.storage.StorageAdapter.now`), so a case can put a lease exactly one
+millisecond before or at its expiry, and never sleeps. Every handle the harness opens in
+this process (another handle from ``url``, one per racer thread) shares that clock.
+Handles in other processes cannot: they use the store's own clock, and the cases that
+race them wait (a bounded poll of ``now()``) for that clock to pass an expiry instead.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from reflow_core.storage import StorageAdapter, system_clock
 from reflow_core.types import (
     ClaimedRun,
     ErrorInfo,
+    LeaseHolder,
     Recurrence,
     RunFilter,
     RunStatus,
@@ -33,12 +39,29 @@ from reflow_core.types import (
     WorkflowRun,
 )
 
-__all__ = ["ContractViolation", "Harness", "HarnessError", "assert_exact", "expect"]
+__all__ = [
+    "KIT_HOLDER",
+    "LEASE_MS",
+    "ContractViolation",
+    "Harness",
+    "HarnessError",
+    "KitClock",
+    "assert_exact",
+    "expect",
+]
 
 T = TypeVar("T")
 
 FAR = 10**9
-"""Milliseconds (about 11.5 days): far enough that no clock drift makes a case flaky."""
+"""Milliseconds (about 11.5 days): :meth:`Harness.past` and :meth:`Harness.future` are this
+far from the kit clock, so no case's own advances reach them."""
+
+LEASE_MS = 20_000
+"""The lease length :meth:`Harness.claim` asks for unless told otherwise. Deliberately not
+a round default such as 30 s, so an adapter that ignores ``lease_ms`` is caught."""
+
+KIT_HOLDER = LeaseHolder(worker="kit-worker-\u00e9-1", host="kit-host.example", pid=4242)
+"""The holder :meth:`Harness.claim` presents unless told otherwise."""
 
 BARRIER_TIMEOUT_S = 60.0
 """A racer that never reaches the barrier is a harness failure, not a hang."""
@@ -98,6 +121,40 @@ def assert_exact(got: Any, expected: Any, what: str = "value", path: str = "$") 
 
 RaceFunction = Callable[[StorageAdapter, int], Awaitable[T]]
 
+_DEFAULT: Any = object()
+
+
+class KitClock:
+    """A manual clock in epoch milliseconds: starts near real time, moves only by hand.
+
+    Callable (it is a :data:`~reflow_core.storage.Clock`), safe to read and advance from
+    several threads, and never moves backwards.
+    """
+
+    def __init__(self, start: int | None = None) -> None:
+        self._now = system_clock() if start is None else start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        return self._now
+
+    def advance(self, ms: int) -> int:
+        """Move forward by ``ms`` (>= 0) milliseconds; return the new time."""
+        if ms < 0:
+            raise HarnessError(f"the kit clock never moves backwards (advance({ms}))")
+        with self._lock:
+            self._now += ms
+            return self._now
+
+    def advance_to(self, at: int) -> int:
+        """Move forward to ``at`` if it is later than now; return the new time."""
+        with self._lock:
+            self._now = max(self._now, at)
+            return self._now
+
+    def __repr__(self) -> str:
+        return f"KitClock({self._now})"
+
 
 class Harness:
     """A fresh, initialized adapter plus everything a case needs around it."""
@@ -113,6 +170,8 @@ class Harness:
         self.options = dict(options)
         self.tmp_path = tmp_path
         self.loop = loop
+        self.clock = KitClock()
+        """The case's clock: the store's "now" for every handle opened in this process."""
         self._storage: StorageAdapter | None = None
         self._handles: list[StorageAdapter] = []
         self._counter = itertools.count(1)
@@ -131,14 +190,23 @@ class Harness:
         self._storage = await self.fresh_storage()
 
     async def fresh_storage(self) -> StorageAdapter:
-        """Another fresh, empty, initialized adapter from the conformance factory."""
+        """Another fresh, empty, initialized adapter from the conformance factory, called
+        as ``factory(tmp_path, options, clock=self.clock)``."""
         factory = self.spec.conformance_factory
         if factory is None:
             raise HarnessError(f"adapter {self.spec.name!r} has no conformance_factory")
         directory = self.tmp_path / f"store-{next(self._counter)}"
         directory.mkdir(parents=True, exist_ok=True)
         try:
-            storage = factory(directory, self.options)
+            storage = factory(directory, self.options, clock=self.clock)
+        except TypeError as exc:
+            if "clock" not in str(exc):
+                raise HarnessError(f"conformance factory raised TypeError: {exc}") from exc
+            raise HarnessError(
+                f"conformance factory raised TypeError: {exc}; since storage contract 2.0 "
+                "it is called as factory(tmp_path, options, clock=clock) and the adapter "
+                "must use that clock as the store's now"
+            ) from exc
         except Exception as exc:
             raise HarnessError(f"conformance factory raised {type(exc).__name__}: {exc}") from exc
         self._handles.append(storage)
@@ -181,12 +249,28 @@ class Harness:
             )
         return url
 
-    async def open_another(self) -> StorageAdapter:
-        """A second initialized handle onto the same store, via ``open_storage(url)``."""
+    def open_url(self, url: str, *, shared_clock: bool = True) -> StorageAdapter:
+        """``open_storage(url, clock=self.clock)`` (or without the clock), not initialized.
+
+        The adapter's URL factory must accept ``clock=`` for the kit to share its clock
+        with handles it opens in this process; a factory that refuses is a harness error
+        naming the requirement.
+        """
+        options: dict[str, Any] = {"clock": self.clock} if shared_clock else {}
         try:
-            handle = open_storage(self.url)
+            return open_storage(url, **options)
         except Exception as exc:
-            raise HarnessError(f"open_storage({self.url!r}) raised {exc!r}") from exc
+            raise HarnessError(
+                f"open_storage({url!r}{', clock=<kit clock>' if shared_clock else ''}) "
+                f"raised {exc!r}; the URL factory must accept clock= (the store's 'now' "
+                "for tests)"
+            ) from exc
+
+    async def open_another(self, *, shared_clock: bool = True) -> StorageAdapter:
+        """A second initialized handle onto the same store, via ``open_storage(url)``,
+        sharing the kit clock unless ``shared_clock=False`` (then it reads the store's own
+        clock, as a handle in another process would)."""
+        handle = self.open_url(self.url, shared_clock=shared_clock)
         self._handles.append(handle)
         await self._initialize(handle)
         return handle
@@ -197,18 +281,34 @@ class Harness:
 
     # -- time -------------------------------------------------------------------
 
-    @staticmethod
-    def now() -> int:
-        """Real wall-clock milliseconds (the adapter's default clock)."""
-        return system_clock()
+    def now(self) -> int:
+        """The kit clock's time: what the adapter's ``now()`` must answer."""
+        return self.clock()
+
+    def advance(self, ms: int) -> int:
+        """Move the kit clock (the store's "now") forward by ``ms``; return the new time."""
+        return self.clock.advance(ms)
 
     def past(self) -> int:
-        """A time certainly before the adapter's ``now``."""
-        return system_clock() - FAR
+        """A time certainly before the store's ``now`` for the whole case."""
+        return self.clock() - FAR
 
     def future(self) -> int:
-        """A time certainly after the adapter's ``now`` for the whole case."""
-        return system_clock() + FAR
+        """A time certainly after the store's ``now`` for the whole case."""
+        return self.clock() + FAR
+
+    async def expire(self, run_id: str, storage: StorageAdapter | None = None) -> int:
+        """Advance the clock exactly to the run's ``lease_expires_at`` (when it is later),
+        so its lease has just expired; return the new time.
+
+        If the adapter reports no expiry, advance by :data:`LEASE_MS` (what
+        :meth:`claim` asks for), so the cases that need a takeover still get one.
+        """
+        run = await self.get(run_id, storage)
+        target = run.lease_expires_at
+        if target is None:
+            target = self.now() + LEASE_MS
+        return self.clock.advance_to(target)
 
     # -- builders ---------------------------------------------------------------
 
@@ -317,8 +417,9 @@ class Harness:
     async def race_threads(self, count: int, fn: RaceFunction[T]) -> list[T]:
         """``count`` OS threads, each with its own handle and event loop, barrier-released.
 
-        Each thread opens ``open_storage(url)`` and initializes it *before* the barrier,
-        so the race is between the calls under test, not between connection set-ups.
+        Each thread opens ``open_storage(url, clock=<kit clock>)`` and initializes it
+        *before* the barrier, so the race is between the calls under test, not between
+        connection set-ups. All share the kit clock.
         """
         url = self.url
         barrier = threading.Barrier(count)
@@ -326,7 +427,7 @@ class Harness:
         errors: list[BaseException | None] = [None] * count
 
         async def thread_main(index: int) -> None:
-            handle = open_storage(url)
+            handle = self.open_url(url)
             try:
                 await handle.initialize()
                 barrier.wait(BARRIER_TIMEOUT_S)
@@ -365,28 +466,62 @@ class Harness:
 
     # -- shortcuts used by many cases -------------------------------------------
 
+    async def claim_any(
+        self,
+        names: Collection[str] = ("wf",),
+        *,
+        lease_ms: int = LEASE_MS,
+        holder: LeaseHolder | None = _DEFAULT,
+        storage: StorageAdapter | None = None,
+    ) -> ClaimedRun | None:
+        """``claim_next_run(names, lease_ms=..., holder=...)``: whatever it claims, or None."""
+        who = KIT_HOLDER if holder is _DEFAULT else holder
+        return await (storage or self.storage).claim_next_run(names, lease_ms=lease_ms, holder=who)
+
     async def claim(
         self,
         run_id: str,
         names: Collection[str] = ("wf",),
-        stale_before: int | None = None,
+        *,
+        lease_ms: int = LEASE_MS,
+        holder: LeaseHolder | None = _DEFAULT,
         storage: StorageAdapter | None = None,
     ) -> ClaimedRun:
         """Claim and check that the claimed run is ``run_id``."""
-        claimed = await (storage or self.storage).claim_next_run(names, stale_before)
+        claimed = await self.claim_any(names, lease_ms=lease_ms, holder=holder, storage=storage)
         if claimed is None or claimed.run.id != run_id:
             raise ContractViolation(
-                f"claim_next_run({list(names)!r}, stale_before={stale_before}) should claim "
-                f"run {run_id}",
+                f"claim_next_run({list(names)!r}, lease_ms={lease_ms}) at {self.now()} should "
+                f"claim run {run_id}",
                 run_id,
                 claimed.run.id if claimed else None,
             )
         return claimed
 
-    async def created_and_claimed(self, workflow: str = "wf", input: Any = None) -> ClaimedRun:
-        """A new run of ``workflow``, claimed."""
+    async def take_over(
+        self,
+        run_id: str,
+        names: Collection[str] = ("wf",),
+        *,
+        lease_ms: int = LEASE_MS,
+        holder: LeaseHolder | None = _DEFAULT,
+        storage: StorageAdapter | None = None,
+    ) -> ClaimedRun:
+        """Let the run's lease expire (:meth:`expire`), then claim it: a stale takeover."""
+        await self.expire(run_id, storage)
+        return await self.claim(run_id, names, lease_ms=lease_ms, holder=holder, storage=storage)
+
+    async def created_and_claimed(
+        self,
+        workflow: str = "wf",
+        input: Any = None,
+        *,
+        lease_ms: int = LEASE_MS,
+        holder: LeaseHolder | None = _DEFAULT,
+    ) -> ClaimedRun:
+        """A new run of ``workflow``, claimed (with ``lease_ms`` and ``holder``)."""
         run = await self.create(workflow, input)
-        return await self.claim(run.id, (workflow,))
+        return await self.claim(run.id, (workflow,), lease_ms=lease_ms, holder=holder)
 
     async def snapshot(self, run_ids: Collection[str]) -> Any:
         """Everything readable about these runs and all schedules, to prove "unchanged"."""

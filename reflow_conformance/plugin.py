@@ -314,7 +314,9 @@ def reflow_storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[H
 
     Yields a :class:`~reflow_conformance.harness.Harness`: ``.storage`` is the adapter,
     ``.sync(coroutine)`` runs a coroutine on the adapter's own event loop, ``.spec`` is
-    its :class:`~reflow_core.AdapterSpec`. Everything is closed after the test.
+    its :class:`~reflow_core.AdapterSpec`. The adapter runs on the kit's manual clock:
+    ``.clock`` is its "now", ``.advance(ms)`` moves it. Everything is closed after the
+    test.
     Skipped (saying so) when no ``--reflow-adapter`` was given.
     """
     state = request.config.stash.get(_STATE, None)

@@ -46,6 +46,15 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.string import TextLoader
 
 from reflow_core.errors import ConfigError, StorageError
+from reflow_core.identifiers import (
+    MAX_SCHEDULE_KEY_LENGTH,
+    check_holder,
+    check_identifier,
+    check_names,
+    check_run,
+    check_schedule,
+    check_step,
+)
 from reflow_core.schedule import next_fire_time
 from reflow_core.storage import Clock
 from reflow_core.types import (
@@ -79,6 +88,9 @@ from .records import (
 from .sql import migrations, queries
 
 __all__ = ["PostgresStorage"]
+
+_RACE_RETRIES = 3
+"""How often a statement that lost an insert race on a secondary unique index is retried."""
 
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,49}")
@@ -323,6 +335,7 @@ class PostgresStorage:
 
     async def create_run(self, run: WorkflowRun) -> CreateRunResult:
         """Insert a pending run; an existing idempotency key returns that run instead."""
+        check_run(run)
         params = {
             "id": run.id,
             "workflow": run.workflow,
@@ -359,11 +372,16 @@ class PostgresStorage:
 
     async def get_run(self, run_id: str) -> WorkflowRun | None:
         """The run, or ``None``."""
+        check_identifier(run_id, "run id")
         row = await self._fetch_one("get_run", _q("get_run"), {"id": run_id})
         return None if row is None else to_run(row)
 
     async def list_runs(self, filter: RunFilter) -> list[WorkflowRun]:
         """Newest first by ``(created_at, id)``, filtered, keyset-paged."""
+        if filter.workflow is not None:
+            check_identifier(filter.workflow, "workflow name")
+        if filter.before_id is not None:
+            check_identifier(filter.before_id, "run id")
         params = {
             "status": None if filter.status is None else RunStatus(filter.status).value,
             "workflow": filter.workflow,
@@ -383,6 +401,8 @@ class PostgresStorage:
     ) -> ClaimedRun | None:
         """Claim the oldest claimable run in one ``UPDATE ... FOR UPDATE SKIP LOCKED``;
         staleness is ``lease_expires_at <= now`` on the server's clock."""
+        check_names(workflow_names)
+        check_holder(holder)
         names = list(workflow_names)
         if not names:
             return None
@@ -399,11 +419,15 @@ class PostgresStorage:
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
         """Renew a held lease by its stored length, from the server's now."""
+        check_identifier(run_id, "run id")
+        check_identifier(lease_id, "lease id")
         params = {"id": run_id, "lease_id": lease_id, "now": self._now()}
         return await self._write("heartbeat_run", _q("heartbeat_run"), params)
 
     async def sleep_run(self, run_id: str, lease_id: str, wake_at: int) -> bool:
         """Held run to sleeping; notifies so idle workers recompute their next wake time."""
+        check_identifier(run_id, "run id")
+        check_identifier(lease_id, "lease id")
         params = {"id": run_id, "lease_id": lease_id, "wake_at": wake_at, "now": self._now()}
         async with self._connection("sleep_run", transaction=True) as conn:
             cur = await conn.execute(_q("sleep_run"), params)
@@ -416,6 +440,9 @@ class PostgresStorage:
         self, run_id: str, lease_id: str, event_name: str, wake_at: int | None
     ) -> bool:
         """Held run to waiting, or straight to pending if a matching event is buffered."""
+        check_identifier(run_id, "run id")
+        check_identifier(lease_id, "lease id")
+        check_identifier(event_name, "event name")
         params = {
             "id": run_id,
             "lease_id": lease_id,
@@ -441,6 +468,7 @@ class PostgresStorage:
         expected: Collection[RunStatus] | None = None,
     ) -> bool:
         """Set a status without a lease check; ``expected`` makes it conditional, atomically."""
+        check_identifier(run_id, "run id")
         params = {
             "id": run_id,
             "status": RunStatus(status).value,
@@ -465,6 +493,8 @@ class PostgresStorage:
         error: ErrorInfo | None = None,
     ) -> bool:
         """Set a held run's status with its output and error; releases unless running."""
+        check_identifier(run_id, "run id")
+        check_identifier(lease_id, "lease id")
         params = {
             "id": run_id,
             "lease_id": lease_id,
@@ -483,6 +513,7 @@ class PostgresStorage:
 
     async def requeue_run(self, run_id: str) -> bool:
         """A failed or cancelled run back to pending, dropping only its failed steps."""
+        check_identifier(run_id, "run id")
         params = {"id": run_id, "now": self._now()}
         async with self._connection("requeue_run", transaction=True) as conn:
             cur = await conn.execute(_q("requeue_run"), params)
@@ -497,6 +528,9 @@ class PostgresStorage:
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
         """Upsert a step row by id; lease-checked in the same statement when given. A
         stored final row is never overwritten (the statement's guard): ``False``."""
+        check_step(result)
+        if lease_id is not None:
+            check_identifier(lease_id, "lease id")
         params = {
             "id": result.id,
             "run_id": result.run_id,
@@ -511,7 +545,19 @@ class PostgresStorage:
             "lease_id": lease_id,
         }
         async with self._connection("save_step_result") as conn:
-            cur = await conn.execute(_q("save_step_result"), params)
+            for attempt in range(_RACE_RETRIES + 1):
+                try:
+                    cur = await conn.execute(_q("save_step_result"), params)
+                    break
+                except psycopg.errors.UniqueViolation as exc:
+                    # ON CONFLICT (id) arbitrates only the primary key: a writer racing
+                    # an insert of the same new row can hit the (run_id, name) index
+                    # instead. Once the other insert has committed, the same statement
+                    # takes the conflict path; a real clash fails every time.
+                    if exc.diag.constraint_name != "steps_run_id_name_key" or (
+                        attempt == _RACE_RETRIES
+                    ):
+                        raise
             if cur.rowcount > 0:
                 return True
             cur = await conn.execute(_q("get_step_owner"), params)
@@ -527,6 +573,7 @@ class PostgresStorage:
 
     async def get_step_results(self, run_id: str) -> list[StepResult]:
         """The run's steps by ``(created_at, id)``."""
+        check_identifier(run_id, "run id")
         rows = await self._fetch_all("get_step_results", _q("get_step_results"), {"run_id": run_id})
         return [to_step(row) for row in rows]
 
@@ -541,6 +588,10 @@ class PostgresStorage:
         A key already delivered answers ``True`` even if the run has ended since (that
         delivery did land); a refused delivery does not take its key.
         """
+        check_identifier(run_id, "run id")
+        check_identifier(event_name, "event name")
+        if key is not None:
+            check_identifier(key, "event key")
         params = {
             "id": run_id,
             "event_name": event_name,
@@ -568,6 +619,8 @@ class PostgresStorage:
 
     async def take_event(self, run_id: str, event_name: str) -> EventRecord | None:
         """Remove and return the oldest buffered event of that name (one DELETE)."""
+        check_identifier(run_id, "run id")
+        check_identifier(event_name, "event name")
         params = {"id": run_id, "event_name": event_name}
         row = await self._fetch_one("take_event", _q("take_event"), params)
         return (
@@ -585,6 +638,9 @@ class PostgresStorage:
         standing for ``checkpoint`` makes the statement take and write nothing
         (``held=False``): checkpoints are written once.
         """
+        check_identifier(event_name, "event name")
+        check_step(checkpoint)
+        check_identifier(lease_id, "lease id")
         params = {
             "id": checkpoint.run_id,
             "lease_id": lease_id,
@@ -635,6 +691,7 @@ class PostgresStorage:
 
     async def upsert_schedule(self, schedule: Schedule) -> Schedule:
         """Insert or update by key, keeping created_at and (same recurrence) next_run_at."""
+        check_schedule(schedule)
         params = {
             "key": schedule.key,
             "workflow": schedule.workflow,
@@ -652,6 +709,7 @@ class PostgresStorage:
     async def claim_due_schedule(self, workflow_names: Collection[str]) -> ClaimedSchedule | None:
         """Lock the earliest due schedule (by the server's now) and advance it from that
         same now, in one transaction."""
+        check_names(workflow_names)
         names = list(workflow_names)
         if not names:
             return None
@@ -675,6 +733,7 @@ class PostgresStorage:
 
     async def delete_schedule(self, key: str) -> bool:
         """Remove a schedule; ``False`` if none."""
+        check_identifier(key, "schedule key", MAX_SCHEDULE_KEY_LENGTH)
         return await self._write("delete_schedule", _q("delete_schedule"), {"key": key})
 
     async def list_schedules(self) -> list[Schedule]:

@@ -5,48 +5,53 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 
 from reflow_conformance.cases import case
-from reflow_conformance.harness import Harness, expect
+from reflow_conformance.harness import FAR, KIT_HOLDER, LEASE_MS, Harness, expect
 from reflow_core.types import RunStatus
 
 
 @case("claim.marks_running_with_lease")
 async def marks_running_with_lease(h: Harness) -> None:
-    """A claim sets running, a non-empty lease, attempt 1 and heartbeat_at."""
+    """A claim sets running, a non-empty lease, attempt 1, and claimed_at = heartbeat_at =
+    the store's now, lease_ms and lease_expires_at = now + lease_ms, the holder given."""
     run = await h.create("wf", {"x": 1})
-    before = h.now()
-    claimed = await h.claim(run.id)
+    now = h.now()
+    claimed = await h.claim(run.id, lease_ms=12_345)
     expect(type(claimed.lease_id) is str and claimed.lease_id != "", True, "a non-empty lease")
     for label, seen in (("returned", claimed.run), ("stored", await h.get(run.id))):
         expect(seen.status, RunStatus.RUNNING, f"{label} status after a claim")
         expect(seen.attempt, 1, f"{label} attempt after the first claim")
         expect(
-            seen.heartbeat_at is not None and seen.heartbeat_at >= before - 1_000,
-            True,
-            f"{label} heartbeat_at set to the claim time (got {seen.heartbeat_at})",
+            (seen.claimed_at, seen.heartbeat_at, seen.lease_ms, seen.lease_expires_at),
+            (now, now, 12_345, now + 12_345),
+            f"{label} (claimed_at, heartbeat_at, lease_ms, lease_expires_at) of a claim at {now}",
         )
+        expect(seen.holder, KIT_HOLDER, f"{label} holder")
+        expect(seen.recoveries, 0, f"{label} recoveries after claiming a pending run")
     expect(claimed.run.input, {"x": 1}, "claimed run input")
 
 
 @case("claim.not_twice")
 async def not_twice(h: Harness) -> None:
-    """A claimed run is not claimed again (no stale_before)."""
+    """A claimed run is not claimed again while its lease lasts."""
     await h.created_and_claimed()
-    expect(await h.storage.claim_next_run(["wf"]), None, "second claim")
+    expect(await h.claim_any(["wf"]), None, "second claim")
 
 
 @case("claim.only_named_workflows")
 async def only_named_workflows(h: Harness) -> None:
     """Runs of other workflows are not claimed."""
     run = await h.create("other")
-    expect(await h.storage.claim_next_run(["wf"]), None, "claim of ['wf'] with only 'other'")
+    expect(await h.claim_any(["wf"]), None, "claim of ['wf'] with only 'other'")
     await h.claim(run.id, ["other"])
 
 
 @case("claim.empty_names_claims_nothing")
 async def empty_names_claims_nothing(h: Harness) -> None:
-    """An empty workflow-name list claims nothing, even with stale_before."""
+    """An empty workflow-name list claims nothing, not even a run whose lease expired."""
+    stale = await h.created_and_claimed()
     run = await h.create("wf")
-    expect(await h.storage.claim_next_run([], h.future()), None, "claim_next_run([])")
+    await h.expire(stale.run.id)
+    expect(await h.claim_any([]), None, "claim_next_run([])")
     expect((await h.get(run.id)).status, RunStatus.PENDING, "run left pending")
 
 
@@ -109,16 +114,17 @@ async def unique_leases(h: Harness) -> None:
     for _ in range(5):
         leases.append((await h.created_and_claimed()).lease_id)
     run = await h.create("again")
+    leases.append((await h.claim(run.id, ["again"])).lease_id)
     for _ in range(3):
-        leases.append((await h.claim(run.id, ["again"], h.future())).lease_id)
+        leases.append((await h.take_over(run.id, ["again"])).lease_id)
     expect(len(set(leases)), len(leases), f"distinct leases among {leases}")
 
 
 @case("claim.stale_reclaim")
 async def stale_reclaim(h: Harness) -> None:
-    """A running run whose heartbeat is before stale_before is reclaimed with a new lease."""
+    """A running run whose lease expired is reclaimed with a new lease and attempt 2."""
     first = await h.created_and_claimed()
-    second = await h.claim(first.run.id, stale_before=h.future())
+    second = await h.take_over(first.run.id)
     expect(second.lease_id != first.lease_id, True, "a new lease on reclaim")
     expect(second.run.attempt, 2, "attempt after a reclaim")
     expect((await h.get(first.run.id)).attempt, 2, "stored attempt after a reclaim")
@@ -126,30 +132,23 @@ async def stale_reclaim(h: Harness) -> None:
 
 @case("claim.live_run_not_reclaimed")
 async def live_run_not_reclaimed(h: Harness) -> None:
-    """A running run with a recent heartbeat is not reclaimed (stale_before in the past)."""
+    """A running run whose lease has not expired is not reclaimed."""
     await h.created_and_claimed()
-    expect(await h.storage.claim_next_run(["wf"], h.past()), None, "claim of a live run")
-
-
-@case("claim.stale_is_strictly_before")
-async def stale_is_strictly_before(h: Harness) -> None:
-    """stale_before equal to heartbeat_at does not make the run stale (strictly before)."""
-    claimed = await h.created_and_claimed()
-    beat = (await h.get(claimed.run.id)).heartbeat_at
-    assert beat is not None
-    expect(await h.storage.claim_next_run(["wf"], beat), None, "claim with stale_before == beat")
-    await h.claim(claimed.run.id, stale_before=beat + 1)
+    expect(await h.claim_any(["wf"]), None, "claim of a live run")
+    h.advance(LEASE_MS // 2)
+    expect(await h.claim_any(["wf"]), None, "claim of a live run half-way through its lease")
 
 
 @case("claim.terminal_never_claimed")
 async def terminal_never_claimed(h: Harness) -> None:
-    """Completed, failed and cancelled runs are never claimed, even with stale_before."""
+    """Completed, failed and cancelled runs are never claimed, however late it is."""
     for status in (RunStatus.COMPLETED, RunStatus.FAILED):
         claimed = await h.created_and_claimed()
         await h.storage.update_claimed_run_status(claimed.run.id, claimed.lease_id, status)
     run = await h.create("wf")
     await h.storage.update_run_status(run.id, RunStatus.CANCELLED)
-    expect(await h.storage.claim_next_run(["wf"], h.future()), None, "claim of terminal runs")
+    h.advance(10 * LEASE_MS)
+    expect(await h.claim_any(["wf"]), None, "claim of terminal runs")
 
 
 @case("claim.sleeping_woken_by_time")
@@ -167,11 +166,15 @@ async def sleeping_woken_by_time(h: Harness) -> None:
 
 @case("claim.sleeping_not_before_wake")
 async def sleeping_not_before_wake(h: Harness) -> None:
-    """A sleeping run is not claimable before wake_at, even with stale_before."""
+    """A sleeping run is not claimable before wake_at (by the store's clock), at wake_at it is."""
     claimed = await h.created_and_claimed()
-    await h.storage.sleep_run(claimed.run.id, claimed.lease_id, h.future())
-    expect(await h.storage.claim_next_run(["wf"], h.future()), None, "claim of a sleeper")
-    expect((await h.get(claimed.run.id)).wake_at is not None, True, "wake_at stored")
+    wake = h.now() + 5_000
+    await h.storage.sleep_run(claimed.run.id, claimed.lease_id, wake)
+    h.advance(4_999)
+    expect(await h.claim_any(["wf"]), None, "claim of a sleeper 1 ms before wake_at")
+    expect((await h.get(claimed.run.id)).wake_at, wake, "wake_at stored")
+    h.advance(1)
+    await h.claim(claimed.run.id)
 
 
 @case("claim.waiting_deadline_passed")
@@ -190,21 +193,26 @@ async def waiting_without_deadline(h: Harness) -> None:
     """A run waiting with no deadline is not claimable until its event arrives."""
     claimed = await h.created_and_claimed()
     await h.storage.wait_run(claimed.run.id, claimed.lease_id, "go", None)
-    expect(await h.storage.claim_next_run(["wf"], h.future()), None, "claim of a waiter")
+    h.advance(FAR)
+    expect(await h.claim_any(["wf"]), None, "claim of a waiter")
 
 
 @case("claim.waiting_before_deadline")
 async def waiting_before_deadline(h: Harness) -> None:
-    """A run waiting with a future deadline is not claimable yet."""
+    """A run waiting with a deadline is not claimable 1 ms before it, and is at it."""
     claimed = await h.created_and_claimed()
-    await h.storage.wait_run(claimed.run.id, claimed.lease_id, "go", h.future())
-    expect(await h.storage.claim_next_run(["wf"], h.future()), None, "claim of a waiter")
+    deadline = h.now() + 7_000
+    await h.storage.wait_run(claimed.run.id, claimed.lease_id, "go", deadline)
+    h.advance(6_999)
+    expect(await h.claim_any(["wf"]), None, "claim of a waiter 1 ms before its deadline")
+    h.advance(1)
+    await h.claim(claimed.run.id)
 
 
 @case("claim.none_when_empty")
 async def none_when_empty(h: Harness) -> None:
     """An empty store claims nothing."""
-    expect(await h.storage.claim_next_run(["wf"], h.future()), None, "claim on an empty store")
+    expect(await h.claim_any(["wf"]), None, "claim on an empty store")
 
 
 @case("claim.mixed_workflows_oldest_of_named")
@@ -215,4 +223,4 @@ async def mixed_workflows(h: Harness) -> None:
     await h.create("c", created_at=0)
     await h.claim(b.id, ["a", "b"])
     await h.claim(a.id, ["a", "b"])
-    expect(await h.storage.claim_next_run(["a", "b"]), None, "claim after both")
+    expect(await h.claim_any(["a", "b"]), None, "claim after both")

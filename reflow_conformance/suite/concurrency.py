@@ -6,9 +6,12 @@ Each scenario runs in up to three modes:
   every adapter, including ``memory``, which declares neither threads nor processes:
   for it this is the only race there is, and it proves that no ``await`` splits a
   check from its write.
-* ``threads`` — one OS thread, event loop and handle per racer (capability ``threads``).
+* ``threads`` — one OS thread, event loop and handle per racer (capability ``threads``);
+  every handle shares the kit clock, so a lease the case let expire is expired for all.
 * ``processes`` — spawned processes, each opening ``open_storage(url)``
-  (capability ``cross-process``).
+  (capability ``cross-process``). They cannot share the kit clock; a takeover race
+  claims with a 1 ms lease and each racer polls its own ``now()`` (bounded) until the
+  store's clock has passed the expiry, then waits at the barrier.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from reflow_conformance.cases import case
-from reflow_conformance.harness import ContractViolation, Harness, HarnessError, expect
+from reflow_conformance.harness import LEASE_MS, ContractViolation, Harness, HarnessError, expect
 from reflow_conformance.suite.leases import expect_all_refused
 from reflow_core.registry import Capability
-from reflow_core.storage import StorageAdapter, system_clock
-from reflow_core.types import RunFilter, RunStatus
+from reflow_core.storage import StorageAdapter
+from reflow_core.types import RunFilter, RunStatus, StepStatus
 
 RACERS = 6
 RUNS = 40
@@ -44,7 +47,7 @@ async def _race(h: Harness, mode: str, fn: Racer) -> list[Any]:
 
 async def _claim_all(storage: StorageAdapter, _: int) -> list[tuple[str, str]]:
     claimed = []
-    while (run := await storage.claim_next_run(["wf"])) is not None:
+    while (run := await storage.claim_next_run(["wf"], lease_ms=LEASE_MS)) is not None:
         claimed.append((run.run.id, run.lease_id))
         # Bounded: a store that hands the same run out forever must fail, not hang (an
         # in-memory adapter never yields, so the case timeout could not interrupt it).
@@ -69,32 +72,31 @@ async def _racing_claims(h: Harness, mode: str) -> None:
 
 async def _racing_stale_reclaim(h: Harness, mode: str) -> None:
     claimed = await h.created_and_claimed()
-    beat = (await h.get(claimed.run.id)).heartbeat_at
-    assert beat is not None
-    # Not a race timer: spin (a few ms at most) until the claim's heartbeat is in the past,
-    # so stale_before=beat+1 marks it stale while every new claim's heartbeat is not.
-    while system_clock() <= beat + 1:  # noqa: ASYNC110
-        await asyncio.sleep(0)
+    await h.expire(claimed.run.id)  # every racer shares the kit clock: all see it expired
 
-    async def reclaim(storage: StorageAdapter, _: int) -> str | None:
-        won = await storage.claim_next_run(["wf"], beat + 1)
-        return won.lease_id if won else None
+    async def reclaim(storage: StorageAdapter, _: int) -> Any:
+        return await storage.claim_next_run(["wf"], lease_ms=LEASE_MS)
 
-    winners = [lease for lease in await _race(h, mode, reclaim) if lease is not None]
+    won = [c for c in await _race(h, mode, reclaim) if c is not None]
+    winners = [c.lease_id for c in won]
     expect(len(winners), 1, f"racers that reclaimed the one stale run (leases {winners})")
+    expect(won[0].run.recoveries, 1, "recoveries returned to the one winner")
+    stored = await h.get(claimed.run.id)
+    expect((stored.recoveries, stored.attempt), (1, 2), "stored (recoveries, attempt)")
     await expect_all_refused(h, claimed.run.id, claimed.lease_id, "a raced reclaim")
     expect(await h.storage.heartbeat_run(claimed.run.id, winners[0]), True, "winner's lease")
 
 
 async def _racing_schedule(h: Harness, mode: str) -> None:
-    await h.storage.upsert_schedule(h.schedule("k", every_ms=10**9, next_run_at=1_000))
+    due = h.now() - 1_000
+    await h.storage.upsert_schedule(h.schedule("k", every_ms=10**9, next_run_at=due))
 
     async def fire(storage: StorageAdapter, _: int) -> int | None:
-        claimed = await storage.claim_due_schedule(["wf"], 2_000)
+        claimed = await storage.claim_due_schedule(["wf"])
         return claimed.slot if claimed else None
 
     slots = [slot for slot in await _race(h, mode, fire) if slot is not None]
-    expect(slots, [1_000], "slots fired across racers")
+    expect(slots, [due], "slots fired across racers")
 
 
 async def _racing_events(h: Harness, mode: str) -> None:
@@ -130,7 +132,8 @@ _TAKEOVER_TRIES = 1000
 
 async def _racing_fenced_save(h: Harness, mode: str) -> None:
     old = await h.created_and_claimed()
-    run_id, future, taker = old.run.id, h.future(), RACERS // 2
+    run_id, taker = old.run.id, RACERS // 2
+    await h.expire(run_id)  # the old lease has just expired: the taker may take the run
 
     async def save(storage: StorageAdapter, index: int) -> Any:
         # One racer takes the run over and at once reads the steps; the others each save a
@@ -143,7 +146,7 @@ async def _racing_fenced_save(h: Harness, mode: str) -> None:
         # (SKIP LOCKED adapters; see the claim_next_run contract), so retry a bounded
         # number of times: what matters here is what is visible after the takeover.
         for _ in range(_TAKEOVER_TRIES):
-            new = await storage.claim_next_run(["wf"], future)
+            new = await storage.claim_next_run(["wf"], lease_ms=LEASE_MS)
             if new is not None:
                 return await storage.get_step_results(run_id)
         return None
@@ -151,7 +154,7 @@ async def _racing_fenced_save(h: Harness, mode: str) -> None:
     results = await _race(h, mode, save)
     at_takeover = results[taker]
     if at_takeover is None:
-        raise ContractViolation("claim_next_run with stale_before in the future", run_id, None)
+        raise ContractViolation("claim_next_run of a run whose lease expired", run_id, None)
     expect(
         [s.name for s in await h.storage.get_step_results(run_id)],
         [s.name for s in at_takeover],
@@ -178,13 +181,46 @@ async def _racing_cancel_vs_complete(h: Harness, mode: str) -> None:
     expect((await h.get(run_id)).status, RunStatus(winners[0]), "final status is the winner's")
 
 
+async def _racing_event_key(h: Harness, mode: str) -> None:
+    run = await h.create()
+
+    async def deliver(storage: StorageAdapter, index: int) -> bool:
+        return await storage.deliver_event(run.id, "ev", index, key="one-delivery")
+
+    answers = await _race(h, mode, deliver)
+    expect(answers, [True] * RACERS, "every racer delivering the same key is told True")
+    events = []
+    while (record := await h.storage.take_event(run.id, "ev")) is not None:
+        events.append(record.payload)
+        if len(events) > RACERS:
+            break
+    expect(len(events), 1, f"events stored for one key delivered by {RACERS} racers: {events}")
+
+
+async def _racing_write_once(h: Harness, mode: str) -> None:
+    claimed = await h.created_and_claimed()
+    run_id = claimed.run.id
+
+    async def save(storage: StorageAdapter, index: int) -> bool:
+        # Half present the held lease, half none: the first writer wins either way.
+        step = h.step(run_id, "charge", StepStatus.COMPLETED, output=f"racer-{index}")
+        return await storage.save_step_result(step, claimed.lease_id if index % 2 else None)
+
+    answers = await _race(h, mode, save)
+    winners = [index for index, ok in enumerate(answers) if ok]
+    expect(len(winners), 1, f"racers told their final checkpoint was written: {winners}")
+    rows = await h.storage.get_step_results(run_id)
+    expect([r.output for r in rows], [f"racer-{winners[0]}"], "the checkpoint is the winner's")
+
+
 SCENARIOS = {
     "claim": (
         "Racing claim_next_run over the same runs: each claimed once, none lost.",
         _racing_claims,
     ),
     "stale_reclaim": (
-        "Racing reclaims of one stale run: exactly one winner; the old lease is fenced.",
+        "Racing reclaims of one run whose lease expired: exactly one winner, recoveries "
+        "counted once; the old lease is fenced.",
         _racing_stale_reclaim,
     ),
     "schedule_once": ("Racing claim_due_schedule: one occurrence fires once.", _racing_schedule),
@@ -206,6 +242,15 @@ SCENARIOS = {
         "ends in the winner's status.",
         _racing_cancel_vs_complete,
     ),
+    "event_key": (
+        "Racing deliver_event with one key: every racer is told True, one event is stored.",
+        _racing_event_key,
+    ),
+    "write_once": (
+        "Racing saves of one final checkpoint (with and without the lease): exactly one "
+        "is written, and the row is the winner's.",
+        _racing_write_once,
+    ),
 }
 
 
@@ -225,7 +270,8 @@ async def fencing_across_handles(h: Harness) -> None:
     """A takeover through another handle fences the old holder's handle."""
     claimed = await h.created_and_claimed()
     other = await h.open_another()
-    taken = await other.claim_next_run(["wf"], h.future())
+    await h.expire(claimed.run.id)
+    taken = await h.claim_any(["wf"], storage=other)
     expect(taken is not None and taken.run.id == claimed.run.id, True, "takeover via handle 2")
     await expect_all_refused(h, claimed.run.id, claimed.lease_id, "a takeover elsewhere")
 
@@ -273,6 +319,32 @@ async def claim_processes(h: Harness) -> None:
 @case("concurrency.schedule_once_processes", requires=[Capability.CROSS_PROCESS])
 async def schedule_once_processes(h: Harness) -> None:
     """Spawned processes race claim_due_schedule: one occurrence fires once."""
-    await h.storage.upsert_schedule(h.schedule("k", every_ms=10**9, next_run_at=1_000))
-    results = await asyncio.to_thread(_race_processes, h.url, "claim_schedule", (["wf"], 2_000))
-    expect(sorted(s for batch in results for s in batch), [1_000], "slots fired")
+    # Due by any clock: the kit clock started at real time and has not moved.
+    due = h.now() - 1_000
+    await h.storage.upsert_schedule(h.schedule("k", every_ms=10**9, next_run_at=due))
+    results = await asyncio.to_thread(_race_processes, h.url, "claim_schedule", (["wf"],))
+    expect(sorted(s for batch in results for s in batch), [due], "slots fired")
+
+
+@case("concurrency.stale_takeover_processes", requires=[Capability.CROSS_PROCESS])
+async def stale_takeover_processes(h: Harness) -> None:
+    """Spawned processes race to take over one run whose (1 ms) lease expired, each once
+    its own handle's now() passed the expiry: one winner, recoveries counted once."""
+    # The racers cannot share the kit clock, so the lease is taken on the store's own
+    # clock too (a handle opened without the kit clock), and each racer waits for that
+    # clock to pass the expiry: no skew between this process and the store matters.
+    own_clock = await h.open_another(shared_clock=False)
+    run = await h.create()
+    claimed = await h.claim(run.id, lease_ms=1, storage=own_clock)
+    expires = (await h.get(run.id)).lease_expires_at
+    if expires is None:
+        raise ContractViolation("lease_expires_at after a claim", "an int", None)
+    results = await asyncio.to_thread(_race_processes, h.url, "take_over", (["wf"], expires))
+    won = [batch for batch in results if batch]
+    expect(len(won), 1, f"processes that took the run over: {won}")
+    run_id, lease_id, recoveries = won[0]
+    expect((run_id, recoveries), (run.id, 1), "(run, recoveries) returned to the winner")
+    stored = await h.get(run.id)
+    expect((stored.recoveries, stored.attempt), (1, 2), "stored (recoveries, attempt)")
+    await expect_all_refused(h, run.id, claimed.lease_id, "a takeover in a process")
+    expect(await h.storage.heartbeat_run(run.id, lease_id), True, "the winner's lease")

@@ -3,8 +3,8 @@
 The storage cases prove each promise alone; these prove the promises compose into what
 users rely on: a workflow completes, an abandoned run resumes on another engine without
 re-running completed steps, enqueue is idempotent, and a bad step value fails the run
-cleanly. Staleness is forced without sleeping by giving the second engine a clock far
-in the future.
+cleanly. Staleness is forced without sleeping by moving the kit clock (the store's
+"now") to the abandoned lease's expiry.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 
 from reflow_conformance.cases import case
 from reflow_conformance.harness import Harness, expect
-from reflow_core.storage import system_clock
 from reflow_core.types import RunFilter, RunStatus, StepResult, StepStatus
 
 
@@ -68,10 +67,10 @@ async def workflow_completes(h: Harness) -> None:
 
 @case("engine.abandoned_run_resumes_elsewhere")
 async def abandoned_run_resumes_elsewhere(h: Harness) -> None:
-    """A run abandoned after its first checkpoint is reclaimed by another engine once stale,
-    and resumes at the second step: the completed step is not run again."""
+    """A run abandoned after its first checkpoint is taken over by another engine once its
+    lease expired (by the store's clock), and resumes at the second step: the completed
+    step is not run again, and the takeover counts as one recovery."""
     from reflow_core.execution.run import step_id
-    from reflow_core.lease import LeaseOptions
 
     calls: dict[str, int] = {}
     first = _engine(h, [_counting_workflow("wf", calls)])
@@ -81,7 +80,7 @@ async def abandoned_run_resumes_elsewhere(h: Harness) -> None:
         await first.stop()
     # A worker claims the run, checkpoints "fetch", then dies (never heartbeats again).
     claimed = await h.claim(run.id)
-    now = system_clock()
+    now = h.now()
     checkpoint = StepResult(
         id=step_id(run.id, "fetch"),
         run_id=run.id,
@@ -93,15 +92,10 @@ async def abandoned_run_resumes_elsewhere(h: Harness) -> None:
         updated_at=now,
     )
     expect(await h.storage.save_step_result(checkpoint, claimed.lease_id), True, "checkpoint")
-    # concurrency=1: with its clock 10**9 ms ahead, this engine sees every running run as
-    # stale, including the one it is executing; a second slot would reclaim it mid-run.
-    second = _engine(
-        h,
-        [_counting_workflow("wf", calls)],
-        concurrency=1,
-        lease=LeaseOptions(duration=1),
-        clock=lambda: system_clock() + 10**9,
-    )
+    # The dead worker's lease expires; the kit clock then stands still, so the second
+    # engine's own lease (judged by the same clock) cannot expire while it works.
+    await h.expire(run.id)
+    second = _engine(h, [_counting_workflow("wf", calls)])
     try:
         await second.run_until_idle()
         view = await second.get_run(run.id)
@@ -109,7 +103,7 @@ async def abandoned_run_resumes_elsewhere(h: Harness) -> None:
         await second.stop()
     expect((view.run.status, view.run.output), (RunStatus.COMPLETED, 11), "resumed run")
     expect(calls, {"double": 1}, "steps executed by the second engine (fetch must not rerun)")
-    expect(view.run.attempt, 2, "attempt after the reclaim")
+    expect((view.run.attempt, view.run.recoveries), (2, 1), "(attempt, recoveries) after it")
     heartbeat = await h.storage.heartbeat_run(run.id, claimed.lease_id)
     expect(heartbeat, False, "the dead worker's lease")
 

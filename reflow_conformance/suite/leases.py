@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from reflow_conformance.cases import case
-from reflow_conformance.harness import Harness, expect
+from reflow_conformance.harness import LEASE_MS, Harness, expect
 from reflow_core.types import ClaimedRun, RunStatus
 
 LeaseWrite = Callable[[Harness, str, str], Awaitable[bool]]
@@ -46,7 +46,7 @@ def _fencing_case(name: str, write: LeaseWrite) -> None:
     )
     async def fencing(h: Harness) -> None:
         old = await h.created_and_claimed()
-        new = await h.claim(old.run.id, stale_before=h.future())
+        new = await h.take_over(old.run.id)
         before = await h.snapshot([old.run.id])
         expect(await write(h, old.run.id, old.lease_id), False, f"{name} with the old lease")
         await h.expect_unchanged(before, [old.run.id], f"after {name} with the old lease")
@@ -95,12 +95,16 @@ async def heartbeat_other_runs_lease(h: Harness) -> None:
 
 @case("leases.heartbeat_keeps_run_live")
 async def heartbeat_keeps_run_live(h: Harness) -> None:
-    """After a heartbeat, a claim with stale_before <= heartbeat_at does not take the run."""
+    """Heartbeats keep a run from going stale: renewed before expiry, again and again, the
+    run is never claimed though the time since the claim is far beyond one lease."""
     claimed = await h.created_and_claimed()
-    await h.storage.heartbeat_run(claimed.run.id, claimed.lease_id)
-    beat = (await h.get(claimed.run.id)).heartbeat_at
-    assert beat is not None
-    expect(await h.storage.claim_next_run(["wf"], beat), None, "claim of a live run")
+    for _ in range(4):
+        h.advance(LEASE_MS - 1)
+        expect(await h.claim_any(["wf"]), None, "claim of a run 1 ms before its expiry")
+        ok = await h.storage.heartbeat_run(claimed.run.id, claimed.lease_id)
+        expect(ok, True, "heartbeat of a held lease")
+    h.advance(LEASE_MS - 1)
+    expect(await h.claim_any(["wf"]), None, "claim of a heartbeating run")
 
 
 async def _suspended(h: Harness, how: str) -> ClaimedRun:

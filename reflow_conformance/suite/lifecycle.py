@@ -6,7 +6,7 @@ import asyncio
 
 from reflow_conformance.cases import case
 from reflow_conformance.harness import Harness, HarnessError, expect
-from reflow_core.registry import Capability, open_storage
+from reflow_core.registry import Capability
 from reflow_core.storage import StorageAdapter, WorkNotifier
 from reflow_core.types import RunFilter, RunStatus
 
@@ -45,7 +45,7 @@ async def reopen_keeps_state(h: Harness) -> None:
     await h.storage.upsert_schedule(h.schedule("k", input="i"))
     before = await h.snapshot([run_id])
     await h.storage.close()
-    reopened = open_storage(url)
+    reopened = h.open_url(url)
     try:
         await reopened.initialize()
         runs = [await reopened.get_run(run_id)]
@@ -68,7 +68,7 @@ async def second_handle_sees_writes(h: Harness) -> None:
     run = await h.create("wf", "x")
     seen = await other.get_run(run.id)
     expect(seen.input if seen else None, "x", "run seen through the second handle")
-    claimed = await other.claim_next_run(["wf"])
+    claimed = await h.claim_any(["wf"], storage=other)
     expect(claimed is not None, True, "claim through the second handle")
     expect((await h.get(run.id)).status, RunStatus.RUNNING, "status seen by the first handle")
 

@@ -5,7 +5,9 @@ status updates and requeue, written as plain Python with no concurrency and no I
 doubles as executable documentation. The state machine applies random sequences of
 operations to the model and to a fresh adapter and compares every answer and, after
 each step, every run's readable state. On a failure Hypothesis prints the shortest
-sequence of calls it found (``state.claim(names=['a'], stale=True)`` ...).
+sequence of calls it found (``state.tick(ms=1000)``, ``state.claim(names=['a'], ...)``
+...). Time is the kit clock: the ``tick`` rule moves it, and the model judges every
+lease expiry and wake-up by it, exactly as the store must.
 """
 
 from __future__ import annotations
@@ -16,11 +18,17 @@ from typing import Any
 
 from reflow_conformance.cases import case
 from reflow_conformance.harness import Harness, expect
-from reflow_core.types import ErrorInfo, RunStatus, StepStatus
+from reflow_core.types import ConsumeResult, ErrorInfo, LeaseHolder, RunStatus, StepStatus
 
 WORKFLOWS = ("a", "b")
 EVENTS = ("e1", "e2")
 STEPS = ("s1", "s2")
+LEASES = (1_000, 5_000)
+HOLDERS = (
+    None,
+    LeaseHolder(worker="w1", host="h1", pid=1),
+    LeaseHolder(worker="w2", host="h2", pid=2),
+)
 
 
 @dataclass
@@ -34,17 +42,26 @@ class ModelRun:
     status: RunStatus = RunStatus.PENDING
     lease: str | None = None
     attempt: int = 0
-    wake: str | None = None
-    """``"past"``, ``"future"`` or ``None``: times are far from now, so only this matters."""
+    recoveries: int = 0
+    wake: int | None = None
     waiting_for: str | None = None
     output: Any = None
     error: ErrorInfo | None = None
+    heartbeat_at: int | None = None
+    claimed_at: int | None = None
+    lease_ms: int | None = None
+    expires: int | None = None
+    holder: LeaseHolder | None = None
     steps: dict[str, tuple[StepStatus, Any]] = field(default_factory=dict)
     events: dict[str, list[Any]] = field(default_factory=dict)
+    keys: set[str] = field(default_factory=set)
 
 
 class Model:
-    """The storage contract (runs, leases, steps, events), sequential and in memory."""
+    """The storage contract (runs, leases, steps, events), sequential and in memory.
+
+    Times are absolute milliseconds of the kit clock, the store's "now".
+    """
 
     def __init__(self) -> None:
         self.runs: dict[str, ModelRun] = {}
@@ -64,8 +81,8 @@ class Model:
             return None
         return next((r for r in self.runs.values() if (r.workflow, r.key) == (workflow, key)), None)
 
-    def claimable(self, names: set[str], stale: bool) -> ModelRun | None:
-        """The oldest claimable run of ``names`` by (created_at, id)."""
+    def claimable(self, names: set[str], now: int) -> ModelRun | None:
+        """The oldest claimable run of ``names`` by (created_at, id), at ``now``."""
 
         def ok(run: ModelRun) -> bool:
             if run.workflow not in names:
@@ -73,31 +90,59 @@ class Model:
             if run.status is RunStatus.PENDING:
                 return True
             if run.status is RunStatus.RUNNING:
-                return stale
-            return run.status in (RunStatus.SLEEPING, RunStatus.WAITING) and run.wake == "past"
+                return run.expires is not None and run.expires <= now
+            suspended = run.status in (RunStatus.SLEEPING, RunStatus.WAITING)
+            return suspended and run.wake is not None and run.wake <= now
 
         candidates = sorted((r for r in self.runs.values() if ok(r)), key=_order)
         return candidates[0] if candidates else None
 
-    def claim(self, run: ModelRun, lease: str) -> None:
+    def claim(
+        self, run: ModelRun, lease: str, now: int, lease_ms: int, holder: LeaseHolder | None
+    ) -> None:
+        if run.status is RunStatus.RUNNING:
+            run.recoveries += 1
         run.status, run.lease, run.attempt = RunStatus.RUNNING, lease, run.attempt + 1
         run.wake = run.waiting_for = None
+        run.claimed_at = run.heartbeat_at = now
+        run.lease_ms, run.expires, run.holder = lease_ms, now + lease_ms, holder
+
+    def heartbeat(self, run: ModelRun, now: int) -> None:
+        assert run.lease_ms is not None
+        run.heartbeat_at, run.expires = now, now + run.lease_ms
 
     def release(self, run: ModelRun, status: RunStatus) -> None:
-        run.status, run.lease, run.wake = status, None, None
+        run.status, run.lease, run.wake, run.waiting_for = status, None, None, None
+        run.claimed_at = run.lease_ms = run.expires = run.holder = None
 
-    def deliver(self, run: ModelRun, event: str, payload: Any) -> None:
+    def deliver(self, run: ModelRun, event: str, payload: Any, key: str | None) -> bool | None:
+        """The answer deliver_event must give, or ``None`` when either answer is allowed:
+        a repeated key for a run that has since ended stores nothing, and the contract
+        does not say whether the dedupe (True) or the ended run (False) answers."""
+        if run.status.is_terminal:
+            return None if key is not None and key in run.keys else False
+        if key is not None:
+            if key in run.keys:
+                return True
+            run.keys.add(key)
         run.events.setdefault(event, []).append(payload)
         if run.status is RunStatus.WAITING and run.waiting_for == event:
             self.release(run, RunStatus.PENDING)
+        return True
 
     def requeue(self, run: ModelRun) -> bool:
         if run.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
             return False
         self.release(run, RunStatus.PENDING)
         run.output = run.error = None
+        run.recoveries = 0
         run.steps = {n: s for n, s in run.steps.items() if s[0] is not StepStatus.FAILED}
         return True
+
+    def final(self, run: ModelRun, step: str) -> bool:
+        """Whether ``step`` of ``run`` has a final (write-once) row."""
+        row = run.steps.get(step)
+        return row is not None and row[0].is_done
 
 
 def _order(run: ModelRun) -> tuple[int, str]:
@@ -131,7 +176,8 @@ def _machine(h: Harness) -> type:
             h.sync(self.storage.close())
 
         def when(self, wake: str | None) -> int | None:
-            return {"past": h.past(), "future": h.future(), None: None}[wake]
+            soon = h.now() + 500
+            return {"past": h.past(), "soon": soon, "future": h.future(), None: None}[wake]
 
         def run_at(self, index: int) -> str:
             return self.run_ids[index % len(self.run_ids)]
@@ -163,17 +209,30 @@ def _machine(h: Harness) -> type:
             self.model.runs[run_id] = ModelRun(run_id, workflow, created_at, key)
             self.run_ids.append(run_id)
 
+        @rule(ms=st.sampled_from([1, 499, 500, LEASES[0], LEASES[1]]))
+        def tick(self, ms: int) -> None:
+            h.advance(ms)
+
         # Weighted towards names that match, so runs get far enough to finish and fail.
+        # ``later`` moves the clock first (as tick does), so that claims meet expired
+        # leases even in examples where Hypothesis switches the tick rule off.
         @rule(
-            names=st.sampled_from([WORKFLOWS, WORKFLOWS, ("a",), ("b",), ()]), stale=st.booleans()
+            names=st.sampled_from([WORKFLOWS, WORKFLOWS, ("a",), ("b",), ()]),
+            lease_ms=st.sampled_from(LEASES),
+            holder=st.sampled_from(HOLDERS),
+            later=st.sampled_from([0, 0, 1, LEASES[0] - 1, LEASES[0], LEASES[1]]),
         )
-        def claim(self, names: tuple[str, ...], stale: bool) -> None:
-            stale_before = h.future() if stale else None
-            claimed = h.sync(self.storage.claim_next_run(list(names), stale_before))
-            want = self.model.claimable(set(names), stale)
+        def claim(
+            self, names: tuple[str, ...], lease_ms: int, holder: LeaseHolder | None, later: int
+        ) -> None:
+            now = h.advance(later)
+            claimed = h.sync(
+                self.storage.claim_next_run(list(names), lease_ms=lease_ms, holder=holder)
+            )
+            want = self.model.claimable(set(names), now)
             expect(claimed.run.id if claimed else None, want.id if want else None, "claimed run")
             if claimed is not None and want is not None:
-                self.model.claim(want, claimed.lease_id)
+                self.model.claim(want, claimed.lease_id, now, lease_ms, holder)
                 self.leases.append((want.id, claimed.lease_id))
 
         @precondition(lambda self: bool(self.leases))
@@ -182,25 +241,32 @@ def _machine(h: Harness) -> type:
             lease = self.lease_at(pick)
             got = h.sync(self.storage.heartbeat_run(*lease))
             expect(got, self.model.held(*lease), f"heartbeat_run{lease}")
+            if got:
+                self.model.heartbeat(self.model.runs[lease[0]], h.now())
 
         @precondition(lambda self: bool(self.leases))
-        @rule(pick=pick, wake=st.sampled_from(["past", "future"]))
+        @rule(pick=pick, wake=st.sampled_from(["past", "soon", "future"]))
         def sleep(self, pick: int, wake: str) -> None:
             lease = self.lease_at(pick)
-            got = h.sync(self.storage.sleep_run(*lease, self.when(wake)))  # type: ignore[arg-type]
+            at = self.when(wake)
+            assert at is not None
+            got = h.sync(self.storage.sleep_run(*lease, at))
             expect(got, self.model.held(*lease), f"sleep_run{lease}")
             if got:
                 run = self.model.runs[lease[0]]
                 self.model.release(run, RunStatus.SLEEPING)
-                run.wake = wake
+                run.wake = at
 
         @precondition(lambda self: bool(self.leases))
         @rule(
-            pick=pick, event=st.sampled_from(EVENTS), wake=st.sampled_from([None, "past", "future"])
+            pick=pick,
+            event=st.sampled_from(EVENTS),
+            wake=st.sampled_from([None, "past", "soon", "future"]),
         )
         def wait(self, pick: int, event: str, wake: str | None) -> None:
             lease = self.lease_at(pick)
-            got = h.sync(self.storage.wait_run(*lease, event, self.when(wake)))
+            at = self.when(wake)
+            got = h.sync(self.storage.wait_run(*lease, event, at))
             expect(got, self.model.held(*lease), f"wait_run{lease}")
             if got:
                 run = self.model.runs[lease[0]]
@@ -208,13 +274,21 @@ def _machine(h: Harness) -> type:
                     self.model.release(run, RunStatus.PENDING)
                 else:
                     self.model.release(run, RunStatus.WAITING)
-                    run.wake, run.waiting_for = wake, event
+                    run.wake, run.waiting_for = at, event
 
-        @rule(pick=pick, event=st.sampled_from(EVENTS), payload=st.integers(0, 9))
-        def deliver(self, pick: int, event: str, payload: int) -> None:
+        @rule(
+            pick=pick,
+            event=st.sampled_from(EVENTS),
+            payload=st.integers(0, 9),
+            key=st.sampled_from([None, None, "k1", "k2"]),
+        )
+        def deliver(self, pick: int, event: str, payload: int, key: str | None) -> None:
             run_id = self.run_at(pick)
-            expect(h.sync(self.storage.deliver_event(run_id, event, payload)), True, "deliver")
-            self.model.deliver(self.model.runs[run_id], event, payload)
+            status = self.model.runs[run_id].status
+            got = h.sync(self.storage.deliver_event(run_id, event, payload, key=key))
+            want = self.model.deliver(self.model.runs[run_id], event, payload, key)
+            if want is not None:
+                expect(got, want, f"deliver_event(key={key!r}) to a {status} run")
 
         @rule(pick=pick, event=st.sampled_from(EVENTS))
         def take(self, pick: int, event: str) -> None:
@@ -235,10 +309,35 @@ def _machine(h: Harness) -> type:
             run_id, lease_id = lease
             step = h.step(run_id, name, status, output=f"{name}:{status.value}")
             got = h.sync(self.storage.save_step_result(step, lease_id if with_lease else None))
-            want = self.model.held(run_id, lease_id) or not with_lease
-            expect(got, want, f"save_step_result(with_lease={with_lease})")
+            run = self.model.runs[run_id]
+            want = (self.model.held(run_id, lease_id) or not with_lease) and not self.model.final(
+                run, name
+            )
+            expect(got, want, f"save_step_result(with_lease={with_lease}) over {run.steps}")
             if want:
-                self.model.runs[run_id].steps[name] = (status, step.output)
+                run.steps[name] = (status, step.output)
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(pick=pick, name=st.sampled_from(STEPS), event=st.sampled_from(EVENTS))
+        def consume(self, pick: int, name: str, event: str) -> None:
+            run_id, lease_id = self.lease_at(pick)
+            step = h.step(run_id, name, StepStatus.COMPLETED)
+            got = h.sync(self.storage.consume_event(event, step, lease_id))
+            run = self.model.runs[run_id]
+            if not self.model.held(run_id, lease_id) or self.model.final(run, name):
+                expect(got, ConsumeResult(held=False), "consume_event (not held or final row)")
+                return
+            buffered = run.events.get(event)
+            if not buffered:
+                expect(got, ConsumeResult(held=True), "consume_event with nothing buffered")
+                return
+            payload = buffered.pop(0)
+            expect(
+                (got.held, got.event.payload if got.event else None),
+                (True, payload),
+                "consume_event (held, payload)",
+            )
+            run.steps[name] = (StepStatus.COMPLETED, payload)
 
         @precondition(lambda self: bool(self.leases))
         @rule(
@@ -296,16 +395,22 @@ def _machine(h: Harness) -> type:
             for run in self.model.runs.values():
                 got = h.sync(self.storage.get_run(run.id))
                 assert got is not None, f"run {run.id} vanished"
-                fields = (got.status, got.attempt, got.output, got.error)
+                fields = (got.status, got.attempt, got.recoveries, got.output, got.error)
                 expect(
                     fields,
-                    (run.status, run.attempt, run.output, run.error),
-                    f"run {run.id} (status, attempt, output, error)",
+                    (run.status, run.attempt, run.recoveries, run.output, run.error),
+                    f"run {run.id} (status, attempt, recoveries, output, error)",
+                )
+                lease = (got.heartbeat_at, got.claimed_at, got.lease_ms, got.lease_expires_at)
+                expect(
+                    (*lease, got.holder),
+                    (run.heartbeat_at, run.claimed_at, run.lease_ms, run.expires, run.holder),
+                    f"run {run.id} (heartbeat_at, claimed_at, lease_ms, lease_expires_at, holder)",
                 )
                 if run.status is RunStatus.WAITING:
                     expect(got.waiting_for, run.waiting_for, f"run {run.id} waiting_for")
                 if run.status in (RunStatus.SLEEPING, RunStatus.WAITING):
-                    expect(got.wake_at is None, run.wake is None, f"run {run.id} wake_at set")
+                    expect(got.wake_at, run.wake, f"run {run.id} wake_at")
                 steps = h.sync(self.storage.get_step_results(run.id))
                 expect(
                     {s.name: (s.status, s.output) for s in steps}, run.steps, f"run {run.id} steps"
@@ -316,8 +421,10 @@ def _machine(h: Harness) -> type:
 
 @case("model.state_machine")
 def state_machine(h: Harness) -> None:
-    """Random sequences of create, claim, heartbeat, sleep, wait, deliver, take, save_step,
-    update_claimed, cancel and requeue agree with the reference model at every step."""
+    """Random sequences of tick (the clock), create, claim, heartbeat, sleep, wait,
+    deliver (keyed or not), take, save_step, consume, update_claimed, cancel and requeue
+    agree with the reference model at every step: answers, lease fields, recoveries,
+    write-once checkpoints."""
     from hypothesis.stateful import run_state_machine_as_test
 
     from reflow_conformance.strategies import kit_settings

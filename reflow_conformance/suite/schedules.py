@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import msgspec
 
@@ -15,10 +15,6 @@ MAX_CLAIMS = 100
 must fail the case, not spin forever (an in-memory adapter never yields to a timeout)."""
 
 
-def _ms(text: str) -> int:
-    return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
-
-
 async def _next_run_at(h: Harness, key: str) -> int | None:
     for schedule in await h.storage.list_schedules():
         if schedule.key == key:
@@ -26,14 +22,15 @@ async def _next_run_at(h: Harness, key: str) -> int | None:
     return None
 
 
-async def _claim_all_due(h: Harness, now: int) -> list[ClaimedSchedule]:
-    """Claim due occurrences at ``now`` until none is left (at most :data:`MAX_CLAIMS`)."""
+async def _claim_all_due(h: Harness) -> list[ClaimedSchedule]:
+    """Claim due occurrences until none is left (at most :data:`MAX_CLAIMS`)."""
     claimed: list[ClaimedSchedule] = []
-    while (item := await h.storage.claim_due_schedule(["wf"], now)) is not None:
+    while (item := await h.storage.claim_due_schedule(["wf"])) is not None:
         claimed.append(item)
         if len(claimed) > MAX_CLAIMS:
             raise ContractViolation(
-                f"claim_due_schedule(['wf'], {now}) keeps returning occurrences (not advanced?)",
+                f"claim_due_schedule(['wf']) at {h.now()} keeps returning occurrences "
+                "(not advanced?)",
                 f"at most {MAX_CLAIMS}",
                 [(c.schedule.key, c.slot) for c in claimed[:5]],
             )
@@ -74,40 +71,52 @@ async def changed_interval_resets_cadence(h: Harness) -> None:
 
 @case("schedules.claim_advances_and_reports_slot")
 async def claim_advances_and_reports_slot(h: Harness) -> None:
-    """Slot 1000, every 100, claimed at 1250: reports 1000, stores 1300 (missed ones skipped)."""
-    await h.storage.upsert_schedule(h.schedule("k", every_ms=100, next_run_at=1_000))
-    claimed = await h.storage.claim_due_schedule(["wf"], 1_250)
-    expect(claimed.slot if claimed else None, 1_000, "claimed slot")
+    """Slot T, every 100, claimed at T+250 (the store's clock): reports T, stores T+300
+    (missed occurrences skipped)."""
+    base = h.now()
+    await h.storage.upsert_schedule(h.schedule("k", every_ms=100, next_run_at=base))
+    h.advance(250)
+    claimed = await h.storage.claim_due_schedule(["wf"])
+    expect(claimed.slot if claimed else None, base, "claimed slot")
     assert claimed is not None
     expect(claimed.schedule.key, "k", "claimed key")
-    expect(await _next_run_at(h, "k"), 1_300, "next_run_at after the claim")
+    expect(claimed.schedule.next_run_at, base + 300, "returned next_run_at after the claim")
+    expect(await _next_run_at(h, "k"), base + 300, "next_run_at after the claim")
 
 
 @case("schedules.catch_up_advances_one_slot")
 async def catch_up_advances_one_slot(h: Harness) -> None:
     """With catch_up, a claim advances one interval even if that is already due."""
-    schedule = h.schedule("k", every_ms=100, next_run_at=1_000, catch_up=True)
+    base = h.now()
+    schedule = h.schedule("k", every_ms=100, next_run_at=base, catch_up=True)
     await h.storage.upsert_schedule(schedule)
-    slots = [c.slot for c in await _claim_all_due(h, 1_250)]
-    expect(slots, [1_000, 1_100, 1_200], "slots fired by catch-up")
-    expect(await _next_run_at(h, "k"), 1_300, "next_run_at")
+    h.advance(250)
+    slots = [c.slot for c in await _claim_all_due(h)]
+    expect(slots, [base, base + 100, base + 200], "slots fired by catch-up")
+    expect(await _next_run_at(h, "k"), base + 300, "next_run_at")
 
 
 @case("schedules.occurrence_claimed_once")
 async def occurrence_claimed_once(h: Harness) -> None:
     """A second claim at the same now returns None."""
-    await h.storage.upsert_schedule(h.schedule("k", every_ms=100, next_run_at=1_000))
-    expect((await h.storage.claim_due_schedule(["wf"], 1_050)) is not None, True, "first claim")
-    expect(await h.storage.claim_due_schedule(["wf"], 1_050), None, "second claim")
+    base = h.now()
+    await h.storage.upsert_schedule(h.schedule("k", every_ms=100, next_run_at=base))
+    h.advance(50)
+    expect((await h.storage.claim_due_schedule(["wf"])) is not None, True, "first claim")
+    expect(await h.storage.claim_due_schedule(["wf"]), None, "second claim")
 
 
 @case("schedules.not_due_ignored")
 async def not_due_ignored(h: Harness) -> None:
-    """next_run_at 10000 is not due at 9999, and is due at exactly 10000."""
-    await h.storage.upsert_schedule(h.schedule("k", next_run_at=10_000))
-    expect(await h.storage.claim_due_schedule(["wf"], 9_999), None, "claim at 9999")
-    claimed = await h.storage.claim_due_schedule(["wf"], 10_000)
-    expect(claimed.slot if claimed else None, 10_000, "claim at exactly next_run_at")
+    """Due is judged by the store's clock: not due one millisecond before next_run_at, due
+    at exactly next_run_at."""
+    due = h.now() + 3_600_000
+    await h.storage.upsert_schedule(h.schedule("k", every_ms=10**9, next_run_at=due))
+    h.advance(3_599_999)
+    expect(await h.storage.claim_due_schedule(["wf"]), None, "claim 1 ms before next_run_at")
+    h.advance(1)
+    claimed = await h.storage.claim_due_schedule(["wf"])
+    expect(claimed.slot if claimed else None, due, "claim at exactly next_run_at")
 
 
 @case("schedules.only_named_workflows")
@@ -115,23 +124,23 @@ async def only_named_workflows(h: Harness) -> None:
     """Schedules of other workflows are not claimed."""
     await h.storage.upsert_schedule(h.schedule("other", workflow="other", next_run_at=1))
     await h.storage.upsert_schedule(h.schedule("mine", workflow="wf", next_run_at=2))
-    claimed = await h.storage.claim_due_schedule(["wf"], 100)
+    claimed = await h.storage.claim_due_schedule(["wf"])
     expect(claimed.schedule.key if claimed else None, "mine", "claimed key")
-    expect(await h.storage.claim_due_schedule(["wf"], 100), None, "nothing else due for wf")
+    expect(await h.storage.claim_due_schedule(["wf"]), None, "nothing else due for wf")
 
 
 @case("schedules.empty_names_claim_nothing")
 async def empty_names_claim_nothing(h: Harness) -> None:
     """An empty workflow list claims nothing."""
     await h.storage.upsert_schedule(h.schedule("k", next_run_at=1))
-    expect(await h.storage.claim_due_schedule([], 100), None, "claim_due_schedule([])")
+    expect(await h.storage.claim_due_schedule([]), None, "claim_due_schedule([])")
 
 
 @case("schedules.huge_name_list")
 async def huge_name_list(h: Harness) -> None:
     """10,000 workflow names work."""
     await h.storage.upsert_schedule(h.schedule("k", workflow="wf-9999", next_run_at=1))
-    claimed = await h.storage.claim_due_schedule([f"wf-{i}" for i in range(10_000)], 100)
+    claimed = await h.storage.claim_due_schedule([f"wf-{i}" for i in range(10_000)])
     expect(claimed.schedule.key if claimed else None, "k", "claimed key")
 
 
@@ -140,7 +149,7 @@ async def earliest_first_ties_by_key(h: Harness) -> None:
     """The earliest due schedule is claimed first; ties broken by key."""
     for key, at in (("c", 5), ("b", 5), ("a", 9), ("d", 1)):
         await h.storage.upsert_schedule(h.schedule(key, every_ms=10**9, next_run_at=at))
-    order = [c.schedule.key for c in await _claim_all_due(h, 100)]
+    order = [c.schedule.key for c in await _claim_all_due(h)]
     expect(order, ["d", "b", "c", "a"], "claim order")
 
 
@@ -196,12 +205,18 @@ async def switch_interval_and_cron(h: Harness) -> None:
 
 @case("schedules.cron_claim_advances")
 async def cron_claim_advances(h: Harness) -> None:
-    """'0 9 * * *' due 2026-03-10 09:00Z, claimed 09:01: reports 09:00, stores next day 09:00."""
-    due = _ms("2026-03-10T09:00:00")
+    """'0 9 * * *' due at the next 09:00Z, claimed at 09:01 by the store's clock: reports
+    09:00, stores the next day's 09:00."""
+    now = datetime.fromtimestamp(h.now() / 1000, tz=UTC)
+    nine = now.replace(hour=9, minute=0, second=0, microsecond=0)
+    if nine <= now:
+        nine += timedelta(days=1)
+    due = int(nine.timestamp() * 1000)
     await h.storage.upsert_schedule(h.schedule("k", cron="0 9 * * *", next_run_at=due))
-    claimed = await h.storage.claim_due_schedule(["wf"], due + 60_000)
+    h.clock.advance_to(due + 60_000)
+    claimed = await h.storage.claim_due_schedule(["wf"])
     expect(claimed.slot if claimed else None, due, "claimed slot")
-    expect(await _next_run_at(h, "k"), _ms("2026-03-11T09:00:00"), "next_run_at")
+    expect(await _next_run_at(h, "k"), due + 86_400_000, "next_run_at (the next day, 09:00)")
 
 
 @case("schedules.delete_reports_removal")
@@ -218,7 +233,7 @@ async def deleted_not_claimed(h: Harness) -> None:
     """A deleted schedule never fires."""
     await h.storage.upsert_schedule(h.schedule("k", next_run_at=1))
     await h.storage.delete_schedule("k")
-    expect(await h.storage.claim_due_schedule(["wf"], 100), None, "claim after delete")
+    expect(await h.storage.claim_due_schedule(["wf"]), None, "claim after delete")
 
 
 @case("schedules.listed_by_key")

@@ -21,7 +21,7 @@ async def save_and_read(h: Harness) -> None:
 
 @case("steps.upsert_by_id")
 async def upsert_by_id(h: Harness) -> None:
-    """Saving the same id twice leaves one row with the latest content."""
+    """Saving the same id twice (the first not final) leaves one row with the latest content."""
     run = await h.create()
     await h.storage.save_step_result(h.step(run.id, "s", StepStatus.FAILED, created_at=5))
     await h.storage.save_step_result(h.step(run.id, "s", StepStatus.COMPLETED, "ok"))
@@ -59,7 +59,7 @@ async def held_lease_saves(h: Harness) -> None:
 
 @case("steps.no_lease_saves_always")
 async def no_lease_saves_always(h: Harness) -> None:
-    """Without a lease there is no check: a completed run's steps can still be written."""
+    """Without a lease there is no lease check: a completed run's new step can be written."""
     claimed = await h.created_and_claimed()
     await h.storage.update_claimed_run_status(claimed.run.id, claimed.lease_id, RunStatus.COMPLETED)
     step = h.step(claimed.run.id, "late")

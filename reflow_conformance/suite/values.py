@@ -18,7 +18,7 @@ from reflow_conformance.cases import case
 from reflow_conformance.harness import ContractViolation, Harness, assert_exact, expect
 from reflow_conformance.strategies import kit_settings, persistable
 from reflow_core.errors import SerializationError
-from reflow_core.types import RunFilter, RunStatus
+from reflow_core.types import RunFilter, RunStatus, StepStatus
 
 Check = Callable[[Harness, Any], Awaitable[None]]
 
@@ -241,7 +241,9 @@ async def reject_run_output(h: Harness) -> None:
 async def reject_step_output(h: Harness) -> None:
     """A non-persistable step output is rejected; an existing row for that step is unchanged."""
     claimed = await h.created_and_claimed()
-    await h.storage.save_step_result(h.step(claimed.run.id, "s", output="v1"), claimed.lease_id)
+    # A row that is not final (write-once would refuse any rewrite of a final one anyway).
+    first = h.step(claimed.run.id, "s", StepStatus.RUNNING, output="v1")
+    await h.storage.save_step_result(first, claimed.lease_id)
 
     async def write(value: Any) -> Any:
         step = h.step(claimed.run.id, "s", output=value)

@@ -28,13 +28,13 @@ class HeartbeatAlwaysTrue(MemoryStorage):
         return True
 
 
-def _fail(tmp_path, options):
+def _fail(tmp_path, options, clock=None):
     raise RuntimeError("server unreachable")
 
 
 register_adapter(AdapterSpec(
     name="broken-heartbeat", factory=lambda url=None, **o: HeartbeatAlwaysTrue(),
-    conformance_factory=lambda tmp_path, options: HeartbeatAlwaysTrue(),
+    conformance_factory=lambda tmp_path, options, clock=None: HeartbeatAlwaysTrue(clock=clock),
 ))
 register_adapter(AdapterSpec(
     name="unreachable", factory=lambda url=None, **o: HeartbeatAlwaysTrue(),
@@ -51,7 +51,7 @@ def pytest_unconfigure(config):
 def test_empty_directory_runs_the_suite(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--reflow-adapter=memory", "--strict-markers", "-rs")
     result.assert_outcomes(passed=result.parseoutcomes()["passed"], skipped=capability_cases())
-    assert result.parseoutcomes()["passed"] >= 120
+    assert result.parseoutcomes()["passed"] >= 230
     result.stdout.fnmatch_lines(["*adapter 'memory' does not declare capability 'threads'*"])
     assert result.ret == pytest.ExitCode.OK
 
@@ -80,7 +80,7 @@ def test_report_is_written(pytester: pytest.Pytester) -> None:
     )
     assert result.ret == pytest.ExitCode.OK
     [report] = json.loads(path.read_text())
-    assert report["contract_version"] == "1.0"
+    assert report["contract_version"] == "2.0"
     assert report["adapter"] == "memory"
     assert report["distribution"] == "reflow"
     assert report["version"]

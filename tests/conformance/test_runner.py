@@ -23,7 +23,9 @@ class _NoLeaseOnSave(MemoryStorage):
 
 def _spec(cls: type[MemoryStorage], name: str = "test-adapter") -> AdapterSpec:
     return AdapterSpec(
-        name=name, factory=lambda url=None, **o: cls(), conformance_factory=lambda t, o: cls()
+        name=name,
+        factory=lambda url=None, clock=None: cls(clock=clock),
+        conformance_factory=lambda t, o, clock=None: cls(clock=clock),
     )
 
 
@@ -33,6 +35,56 @@ def test_run_memory_without_plugin() -> None:
     assert report.ok
     assert report.totals.passed == report.totals.total > 20
     assert {c.area for c in report.cases} == {"runs", "claim"}
+
+
+def test_contract_version_is_the_contracts() -> None:
+    import reflow_conformance.cases
+    import reflow_core.storage
+
+    assert reflow_conformance.cases.CONTRACT_VERSION is reflow_core.storage.CONTRACT_VERSION
+    assert reflow_conformance.CONTRACT_VERSION == "2.0"
+    assert run_spec(_spec(MemoryStorage), select="clock").contract_version == "2.0"
+
+
+def test_factory_gets_the_kit_clock_and_the_store_follows_it() -> None:
+    seen: list[object] = []
+
+    def factory(tmp_path, options, clock=None):  # type: ignore[no-untyped-def]
+        seen.append(clock)
+        return MemoryStorage(clock=clock)
+
+    spec = AdapterSpec(
+        name="clocked", factory=lambda url=None: MemoryStorage(), conformance_factory=factory
+    )
+    report = run_spec(spec, select="clock.now_is_injected")
+    assert report.ok, render_table(report)
+    [clock] = seen
+    assert callable(clock) and isinstance(clock(), int)
+
+
+def test_factory_without_clock_is_a_harness_error_naming_it() -> None:
+    spec = AdapterSpec(
+        name="old-factory",
+        factory=lambda url=None: MemoryStorage(),
+        conformance_factory=lambda tmp_path, options: MemoryStorage(),
+    )
+    report = run_spec(spec, select="claim.oldest_first")
+    [only] = report.cases
+    assert only.outcome is Outcome.ERROR
+    assert "factory(tmp_path, options, clock=clock)" in only.reason
+
+
+def test_store_ignoring_the_clock_fails_the_clock_cases() -> None:
+    """A store that reads the system clock instead of the kit's fails, never errors."""
+    spec = AdapterSpec(
+        name="own-clock",
+        factory=lambda url=None: MemoryStorage(),
+        conformance_factory=lambda tmp_path, options, clock=None: MemoryStorage(),
+    )
+    report = run_spec(spec, select="clock")
+    failed = {c.id for c in report.cases if c.outcome is Outcome.FAILED}
+    assert {"clock.now_is_injected", "clock.stale_at_expiry"} <= failed, render_table(report)
+    assert report.totals.error == 0
 
 
 def test_run_spec_catches_a_broken_adapter() -> None:
@@ -46,7 +98,7 @@ def test_run_spec_catches_a_broken_adapter() -> None:
 def test_intact_adapter_passes_everything() -> None:
     report = run_spec(_spec(MemoryStorage))
     assert report.totals.failed == report.totals.error == 0, render_table(report)
-    assert report.totals.total >= 120
+    assert report.totals.total >= 250
 
 
 def test_selection_matching_nothing_raises() -> None:

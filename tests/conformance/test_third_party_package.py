@@ -100,7 +100,7 @@ def test_installed_example_passes_the_kit(installed: Path, tmp_path: Path) -> No
     assert totals["failed"] == totals["error"] == 0, [
         (c["id"], c["reason"]) for c in report["cases"] if c["outcome"] in ("failed", "error")
     ]
-    assert totals["passed"] >= 120
+    assert totals["passed"] >= 240
     skipped = {c["id"]: c["reason"] for c in report["cases"] if c["outcome"] == "skipped"}
     assert skipped, "the example declares no 'durable' or 'cross-process'; those cases skip"
     for reason in skipped.values():
