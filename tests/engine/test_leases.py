@@ -540,3 +540,83 @@ def test_a_run_taken_over_from_a_dead_worker_runs_alone(
         "later:start",
         "later:end",
     ]
+
+
+class ClaimCounter:
+    """Storage proxy that counts the claims it hands out, with an event per claim."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self.claims = 0
+        self.claimed = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def claim_next_run(self, names: Any, **lease: Any) -> Any:
+        claimed = await self._inner.claim_next_run(names, **lease)
+        if claimed is not None:
+            self.claims += 1
+            self.claimed.set()
+        return claimed
+
+
+@pytest.mark.parametrize("someone_else_in_between", [False, True], ids=["handover", "replay"])
+def test_reclaiming_a_run_still_executing_here(
+    storage_factory: Any, clock: FakeClock, someone_else_in_between: bool
+) -> None:
+    """This engine re-claims a run it is still executing (its lease expired by the store's
+    clock while the step ran). With no other claim in between, the live execution takes
+    the new lease and the step runs once. If another worker claimed it in between, the
+    old execution is abandoned and the run replays from storage, but only after the old
+    step's thread has returned: never two executions of one step at once here."""
+    wf: Workflow[Any] = Workflow("stretched")
+    go = threading.Event()
+    inside = threading.Event()
+    lock = threading.Lock()
+    running: list[int] = [0]
+    overlaps: list[int] = []
+    executions: list[str] = []
+
+    @wf.step
+    def slow(ctx: StepContext[Any]) -> str:
+        with lock:
+            running[0] += 1
+            overlaps.append(running[0])
+            executions.append(ctx.run_id)
+        inside.set()
+        go.wait(30)
+        with lock:
+            running[0] -= 1
+        return "done"
+
+    async def scenario() -> None:
+        inner = storage_factory(clock=clock)
+        storage = ClaimCounter(inner)
+        engine = Engine(
+            storage, [wf], clock=clock, concurrency=2, poll_interval=0.01, use_plugins=False
+        )
+        try:
+            run_ = await engine.enqueue(wf)
+            await engine.start()
+            await asyncio.to_thread(inside.wait, 10)
+            storage.claimed.clear()
+            if someone_else_in_between:
+                clock.advance(31)
+                assert await inner.claim_next_run(["stretched"], lease_ms=30_000) is not None
+            clock.advance(31)  # by the store's clock the current lease has expired
+            while storage.claims < 2:
+                storage.claimed.clear()
+                await asyncio.wait_for(storage.claimed.wait(), 10)
+            go.set()
+            done = await engine.wait_for(run_.id, within=10)
+            assert done.status is RunStatus.COMPLETED
+            assert done.attempt == (3 if someone_else_in_between else 2)
+        finally:
+            go.set()
+            await engine.stop()
+            await inner.close()
+
+    run(scenario())
+    assert max(overlaps) == 1
+    assert len(executions) == (2 if someone_else_in_between else 1)
