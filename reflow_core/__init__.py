@@ -22,6 +22,7 @@ from reflow_core.errors import (
     EngineStoppedError,
     HookError,
     IdempotencyConflictError,
+    InvalidIdentifierError,
     LeaseExpiredError,
     RecoveryLimitError,
     ReflowError,
@@ -45,6 +46,7 @@ from reflow_core.events import (
     StepStarted,
 )
 from reflow_core.hookspecs import hookimpl
+from reflow_core.identifiers import check_identifier
 from reflow_core.lease import LeaseOptions
 from reflow_core.observers import EventStream
 from reflow_core.registry import (
@@ -117,6 +119,7 @@ __all__ = [
     "FailureContext",
     "HookError",
     "IdempotencyConflictError",
+    "InvalidIdentifierError",
     "LeaseExpiredError",
     "LeaseOptions",
     "Recurrence",
@@ -151,6 +154,7 @@ __all__ = [
     "WorkflowNotFoundError",
     "WorkflowRun",
     "adapter_specs",
+    "check_identifier",
     "get_adapter",
     "hookimpl",
     "open_storage",

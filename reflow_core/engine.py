@@ -48,6 +48,7 @@ from reflow_core.errors import (
 )
 from reflow_core.execution import ActiveRun, RunExecution, Runtime
 from reflow_core.execution.wait import event_payload
+from reflow_core.identifiers import MAX_LENGTH, check_identifier, is_identifier
 from reflow_core.lease import LeaseOptions
 from reflow_core.observers import EventStream, Observers
 from reflow_core.registry import hook_functions, open_storage
@@ -79,6 +80,17 @@ class RunView(msgspec.Struct, frozen=True):
     def outputs(self) -> dict[str, Any]:
         """Outputs of the completed steps, by name."""
         return {s.name: s.output for s in self.steps if s.status.is_done and s.status != "skipped"}
+
+
+def _host_name() -> str:
+    """This machine's name as a valid lease-holder identifier (it is only informational):
+    a name the OS reports with control characters or undecodable bytes has them replaced
+    by ``?``, and it is cut to the identifier length limit."""
+    host = socket.gethostname()[:MAX_LENGTH]
+    if is_identifier(host):
+        return host
+    cleaned = "".join(c if is_identifier(c) else "?" for c in host)
+    return cleaned or "unknown-host"
 
 
 class Engine:
@@ -118,8 +130,8 @@ class Engine:
         self.lease = lease or LeaseOptions()
         self.poll_interval = to_seconds(poll_interval, what="poll_interval", allow_zero=False)
         self.clock: Clock = clock or system_clock
-        if worker_id is not None and (not isinstance(worker_id, str) or not worker_id):
-            raise ConfigError(f"worker_id must be a non-empty str, got {worker_id!r}")
+        if worker_id is not None:
+            check_identifier(worker_id, "worker_id")
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
         self.workflows: dict[str, Workflow[Any]] = {}
         for workflow in workflows:
@@ -183,9 +195,7 @@ class Engine:
                 observers=self.observers,
                 # Read when the engine first claims, not when it is built: a worker
                 # process forked after building the engine reports its own pid.
-                holder=LeaseHolder(
-                    worker=self.worker_id, host=socket.gethostname(), pid=os.getpid()
-                ),
+                holder=LeaseHolder(worker=self.worker_id, host=_host_name(), pid=os.getpid()),
                 execute=self._execute,
             )
         return self._dispatcher
@@ -321,10 +331,8 @@ class Engine:
         :class:`IdempotencyConflictError`.
         """
         wf = self.workflow(workflow)
-        if idempotency_key is not None and (
-            not isinstance(idempotency_key, str) or not idempotency_key
-        ):
-            raise ConfigError(f"idempotency_key must be a non-empty str, got {idempotency_key!r}")
+        if idempotency_key is not None:
+            check_identifier(idempotency_key, "idempotency_key")
         plain = wf.validate_input(input)
         codec.check(plain)
         await self._ready()
@@ -444,8 +452,10 @@ class Engine:
         key delivers nothing more, so a sender may retry safely. :class:`ConfigError` if
         the run's workflow has no wait of that name.
         """
-        if key is not None and (not isinstance(key, str) or not key):
-            raise ConfigError(f"event key must be a non-empty str, got {key!r}")
+        check_identifier(run_id, "run id")
+        check_identifier(name, "event name")
+        if key is not None:
+            check_identifier(key, "event key")
         await self._ready()
         run = await self.storage.get_run(run_id)
         if run is None or run.status.is_terminal:

@@ -6,7 +6,8 @@ says what happened, to what, and what to do about it. The tree::
     ReflowError
     ├── ConfigError                  CONFIG             bad option or definition
     │   ├── DuplicateStepError       DUPLICATE_STEP
-    │   └── DuplicateWorkflowError   DUPLICATE_WORKFLOW
+    │   ├── DuplicateWorkflowError   DUPLICATE_WORKFLOW
+    │   └── InvalidIdentifierError   INVALID_IDENTIFIER  a name, key or id storage cannot hold
     ├── ValidationError              VALIDATION         input or payload has the wrong shape
     ├── SerializationError           SERIALIZATION      value is not persistable (carries .path)
     ├── WorkflowNotFoundError        WORKFLOW_NOT_FOUND
@@ -43,6 +44,7 @@ __all__ = [
     "EngineStoppedError",
     "HookError",
     "IdempotencyConflictError",
+    "InvalidIdentifierError",
     "LeaseExpiredError",
     "ReflowError",
     "RunCancelledError",
@@ -81,6 +83,31 @@ class DuplicateWorkflowError(ConfigError):
     """Two workflows registered on one engine share a name."""
 
     code = "DUPLICATE_WORKFLOW"
+
+
+class InvalidIdentifierError(ConfigError):
+    """A run id, workflow or step name, idempotency key, event name or key, schedule key,
+    lease id or holder field breaks the identifier rule (:mod:`reflow_core.identifiers`):
+    empty, too long, not a str, or holding a control character or a surrogate.
+
+    Raised before anything is stored, by the engine (at definition or call time) and by
+    every adapter. ``what`` names the kind of identifier, ``value`` is the string given,
+    ``reason`` says what is wrong with it.
+    """
+
+    code = "INVALID_IDENTIFIER"
+
+    def __init__(self, what: str, value: object, reason: str) -> None:
+        shown = repr(value)
+        if isinstance(value, str) and len(value) > 40:
+            shown = f"{repr(value[:12])[:-1]}...' ({len(value)} characters)"
+        super().__init__(
+            f"{what} {shown} is not a valid identifier: {reason}; identifiers are non-empty "
+            "str without control characters or surrogates (see reflow_core.identifiers)"
+        )
+        self.what = what
+        self.value = value
+        self.reason = reason
 
 
 class ValidationError(ReflowError):

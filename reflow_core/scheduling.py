@@ -54,6 +54,7 @@ from typing import Any
 from reflow_core import codec
 from reflow_core.durations import Duration, to_millis
 from reflow_core.errors import ConfigError, IdempotencyConflictError, StorageError
+from reflow_core.identifiers import MAX_SCHEDULE_KEY_LENGTH, check_identifier
 from reflow_core.observers import Observers
 from reflow_core.schedule import first_fire_time, validate_recurrence
 from reflow_core.storage import Clock, StorageAdapter
@@ -123,8 +124,8 @@ def build_schedule(
         raise ConfigError(f"timezone must be an IANA zone name (str), got {timezone!r}")
     if not isinstance(catch_up, bool):
         raise ConfigError(f"catch_up must be a bool, got {catch_up!r}")
-    if key is not None and (not isinstance(key, str) or not key):
-        raise ConfigError(f"schedule key must be a non-empty str, got {key!r}")
+    if key is not None:
+        check_identifier(key, "schedule key", MAX_SCHEDULE_KEY_LENGTH)
     every_ms = (
         None if every is None else to_millis(every, what="schedule interval", allow_zero=False)
     )

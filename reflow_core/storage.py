@@ -15,6 +15,27 @@ Rules that apply to every method:
   ``Clock`` passed at construction replaces that "now" for tests, so time can be moved
   by hand. No caller passes "now" in, and no caller's lease setting decides whether
   another caller's run is stale.
+* **Identifiers** are the strings that name things: run ids, step ids, workflow names,
+  step names, idempotency keys, event names, event keys, schedule keys, lease ids, and
+  a holder's ``worker`` and ``host``. A valid one is a non-empty ``str`` of at most 255
+  characters (code points; schedule keys at most 200, step ids at most 600) with no
+  control character (U+0000 to U+001F, U+007F to U+009F: no NUL, tab or newline) and no
+  surrogate (it must encode as UTF-8). Everything else is valid and is stored, matched
+  and returned exactly: separators (``:`` ``|`` ``/`` ``{``), quotes, backslashes,
+  leading and trailing spaces, ``%`` and ``_``, any script, emoji. Comparison is exact
+  (case-sensitive, no Unicode normalisation, no trimming), and every ordering that
+  involves an id or a key (``(created_at, id)`` in claims, listings and step rows;
+  schedules by key) is by code point, which is UTF-8 byte order and SQL ``COLLATE
+  "C"``, never a locale's. Identifiers are never combined into one string key: with
+  ``workflow + ":" + key``, workflow ``a:b`` with key ``c`` would find the run of
+  workflow ``a`` with key ``b:c``. Every method checks its identifier arguments first
+  and raises :class:`~reflow_core.errors.InvalidIdentifierError` for an invalid one
+  before it reads or writes anything, reads included: use
+  :func:`reflow_core.identifiers.check_identifier` and the record helpers beside it,
+  which also say why the limits are what they are. Lease ids are the exception: the
+  adapter issues them (always valid ones), and one that is not a valid identifier was
+  never issued, so it is simply not held (``False``, nothing touched, no driver
+  error).
 * Values (run input and output, step output, event payloads, schedule input) cross
   as plain Python values and must come back equal and of the same type; adapters
   persist them with :mod:`reflow_core.codec`, which rejects what it cannot store

@@ -35,6 +35,7 @@ from reflow_core import codec
 from reflow_core.context import StepContext
 from reflow_core.durations import Duration, to_millis, to_seconds
 from reflow_core.errors import ConfigError, DuplicateStepError, ValidationError
+from reflow_core.identifiers import check_identifier
 from reflow_core.retry import RetryPolicy
 from reflow_core.types import ErrorInfo
 
@@ -155,8 +156,9 @@ class Workflow(Generic[InputT]):
     def __init__(
         self, name: str, *, input: type[InputT] | Any = None, max_recoveries: int = 10
     ) -> None:
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"workflow name must be a non-empty str, got {name!r}")
+        check_identifier(name, "workflow name")
+        if not name.strip():
+            raise ConfigError(f"workflow name must not be only spaces, got {name!r}")
         if isinstance(max_recoveries, bool) or not isinstance(max_recoveries, int) or not (
             0 <= max_recoveries <= 10_000
         ):
@@ -183,8 +185,8 @@ class Workflow(Generic[InputT]):
         return tuple(self._units)
 
     def _claim_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"unit names must be non-empty str, got {name!r}")
+        # A unit's name names its checkpoint (and, for a wait, the event it waits for).
+        check_identifier(name, "step name")
         if name in self._names:
             raise DuplicateStepError(
                 f"workflow {self.name!r} already has a unit named {name!r}; "

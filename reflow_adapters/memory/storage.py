@@ -12,6 +12,9 @@ schedule fires, and it is what :meth:`MemoryStorage.now` answers.
 Values are stored as :func:`reflow_core.codec.encode` bytes and decoded on every
 read, so a caller never shares a mutable object with storage, and a value that
 cannot be persisted raises before any state changes (encode first, then mutate).
+Identifiers (ids, names, keys) are checked first (:mod:`reflow_core.identifiers`: an
+invalid one raises ``InvalidIdentifierError`` with nothing read or written) and then
+used as given, as dict keys or inside tuples, never joined into one string.
 
 The claim index (which run is oldest and claimable, without a scan) lives in
 :mod:`reflow_adapters.memory.claims`; the step rows, event buffers and schedules in
@@ -35,6 +38,15 @@ from reflow_adapters.memory.steps import StepTable
 from reflow_core import codec
 from reflow_core.damage import decode_stored
 from reflow_core.errors import StorageError
+from reflow_core.identifiers import (
+    MAX_SCHEDULE_KEY_LENGTH,
+    check_holder,
+    check_identifier,
+    check_names,
+    check_run,
+    check_schedule,
+    check_step,
+)
 from reflow_core.storage import Clock, system_clock
 from reflow_core.types import (
     ClaimedRun,
@@ -144,6 +156,7 @@ class MemoryStorage:
 
     async def create_run(self, run: WorkflowRun) -> CreateRunResult:
         """Store a new run, or return the run already holding its idempotency key."""
+        check_run(run)
         self._check("create_run")
         data, output = _enc(run.input), _enc(run.output)
         if run.idempotency_key is not None:
@@ -162,12 +175,17 @@ class MemoryStorage:
 
     async def get_run(self, run_id: str) -> WorkflowRun | None:
         """The run, or ``None``."""
+        check_identifier(run_id, "run id")
         self._check("get_run")
         row = self._runs.get(run_id)
         return None if row is None else row.record()
 
     async def list_runs(self, filter: RunFilter) -> list[WorkflowRun]:
         """Newest first by ``(created_at, id)``, filtered, with exact keyset paging."""
+        if filter.workflow is not None:
+            check_identifier(filter.workflow, "workflow name")
+        if filter.before_id is not None:
+            check_identifier(filter.before_id, "run id")
         self._check("list_runs")
         order, runs = self._order, self._runs
         if filter.before is None:
@@ -193,6 +211,8 @@ class MemoryStorage:
         holder: LeaseHolder | None = None,
     ) -> ClaimedRun | None:
         """Claim the oldest claimable run of the named workflows (see the contract)."""
+        check_names(workflow_names)
+        check_holder(holder)
         self._check("claim_next_run")
         now = self._clock()
         row = self._claims.pop_oldest(workflow_names, now)
@@ -211,6 +231,7 @@ class MemoryStorage:
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
         """Renew a held lease by its stored length; ``False`` once it is lost."""
+        check_identifier(run_id, "run id")
         self._check("heartbeat_run")
         row = self._held(run_id, lease_id)
         if row is None:
@@ -224,6 +245,7 @@ class MemoryStorage:
 
     async def sleep_run(self, run_id: str, lease_id: str, wake_at: int) -> bool:
         """Held run to ``sleeping`` until ``wake_at``, lease released; ``False`` if not held."""
+        check_identifier(run_id, "run id")
         self._check("sleep_run")
         row = self._held(run_id, lease_id)
         if row is None:
@@ -235,6 +257,8 @@ class MemoryStorage:
         self, run_id: str, lease_id: str, event_name: str, wake_at: int | None
     ) -> bool:
         """Held run to ``waiting`` for ``event_name`` (``pending`` if one is buffered)."""
+        check_identifier(run_id, "run id")
+        check_identifier(event_name, "event name")
         self._check("wait_run")
         row = self._held(run_id, lease_id)
         if row is None:
@@ -254,6 +278,7 @@ class MemoryStorage:
         expected: Collection[RunStatus] | None = None,
     ) -> bool:
         """Set a status with no lease check, clearing lease and wake; optionally conditional."""
+        check_identifier(run_id, "run id")
         self._check("update_run_status")
         row = self._runs.get(run_id)
         if row is None or (expected is not None and row.status not in expected):
@@ -276,6 +301,7 @@ class MemoryStorage:
         error: ErrorInfo | None = None,
     ) -> bool:
         """Set a held run's status with ``output``/``error``; lease kept only when running."""
+        check_identifier(run_id, "run id")
         self._check("update_claimed_run_status")
         data = _enc(output)
         row = self._held(run_id, lease_id)
@@ -288,6 +314,7 @@ class MemoryStorage:
 
     async def requeue_run(self, run_id: str) -> bool:
         """A failed or cancelled run back to ``pending``: failed steps dropped, count reset."""
+        check_identifier(run_id, "run id")
         self._check("requeue_run")
         row = self._runs.get(run_id)
         if row is None or row.status not in _REQUEUEABLE:
@@ -302,6 +329,7 @@ class MemoryStorage:
 
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
         """Upsert a step row by id, never over a final row; with ``lease_id``, only if held."""
+        check_step(result)
         self._check("save_step_result")
         output = _enc(result.output)
         if lease_id is not None and self._held(result.run_id, lease_id) is None:
@@ -314,6 +342,7 @@ class MemoryStorage:
 
     async def get_step_results(self, run_id: str) -> list[StepResult]:
         """The run's step rows ordered by ``(created_at, id)``."""
+        check_identifier(run_id, "run id")
         self._check("get_step_results")
         return [
             msgspec.structs.replace(step, output=_dec(data))
@@ -326,6 +355,10 @@ class MemoryStorage:
         self, run_id: str, event_name: str, payload: Any, *, key: str | None = None
     ) -> bool:
         """Buffer an event for a run that has not ended (once per ``key``); wake its waiter."""
+        check_identifier(run_id, "run id")
+        check_identifier(event_name, "event name")
+        if key is not None:
+            check_identifier(key, "event key")
         self._check("deliver_event")
         data = _enc(payload)
         row = self._runs.get(run_id)
@@ -343,6 +376,8 @@ class MemoryStorage:
 
     async def take_event(self, run_id: str, event_name: str) -> EventRecord | None:
         """Remove and return the oldest buffered event of that name, or ``None``."""
+        check_identifier(run_id, "run id")
+        check_identifier(event_name, "event name")
         self._check("take_event")
         event = self._events.pop(run_id, event_name)
         return None if event is None else EventRecord(_dec(event[0]), event[1])
@@ -351,6 +386,8 @@ class MemoryStorage:
         self, event_name: str, checkpoint: StepResult, lease_id: str
     ) -> ConsumeResult:
         """Take the oldest buffered event and checkpoint its payload, all or nothing."""
+        check_identifier(event_name, "event name")
+        check_step(checkpoint)
         self._check("consume_event")
         run_id = checkpoint.run_id
         if self._held(run_id, lease_id) is None or self._steps.is_final(checkpoint):
@@ -370,16 +407,19 @@ class MemoryStorage:
 
     async def upsert_schedule(self, schedule: Schedule) -> Schedule:
         """Insert or update by key, keeping ``created_at`` (and cadence if unchanged)."""
+        check_schedule(schedule)
         self._check("upsert_schedule")
         return self._schedules.upsert(schedule, _enc(schedule.input))
 
     async def claim_due_schedule(self, workflow_names: Collection[str]) -> ClaimedSchedule | None:
         """Claim the earliest schedule due by the store's clock (ties by key), advancing it."""
+        check_names(workflow_names)
         self._check("claim_due_schedule")
         return self._schedules.claim_due(workflow_names, self._clock())
 
     async def delete_schedule(self, key: str) -> bool:
         """Remove a schedule; ``False`` if there was none."""
+        check_identifier(key, "schedule key", MAX_SCHEDULE_KEY_LENGTH)
         self._check("delete_schedule")
         return self._schedules.delete(key)
 

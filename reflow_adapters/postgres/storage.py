@@ -54,6 +54,7 @@ from reflow_core.identifiers import (
     check_run,
     check_schedule,
     check_step,
+    is_identifier,
 )
 from reflow_core.schedule import next_fire_time
 from reflow_core.storage import Clock
@@ -420,14 +421,16 @@ class PostgresStorage:
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
         """Renew a held lease by its stored length, from the server's now."""
         check_identifier(run_id, "run id")
-        check_identifier(lease_id, "lease id")
+        if not is_identifier(lease_id):
+            return False  # never issued, so never held
         params = {"id": run_id, "lease_id": lease_id, "now": self._now()}
         return await self._write("heartbeat_run", _q("heartbeat_run"), params)
 
     async def sleep_run(self, run_id: str, lease_id: str, wake_at: int) -> bool:
         """Held run to sleeping; notifies so idle workers recompute their next wake time."""
         check_identifier(run_id, "run id")
-        check_identifier(lease_id, "lease id")
+        if not is_identifier(lease_id):
+            return False  # never issued, so never held
         params = {"id": run_id, "lease_id": lease_id, "wake_at": wake_at, "now": self._now()}
         async with self._connection("sleep_run", transaction=True) as conn:
             cur = await conn.execute(_q("sleep_run"), params)
@@ -441,8 +444,9 @@ class PostgresStorage:
     ) -> bool:
         """Held run to waiting, or straight to pending if a matching event is buffered."""
         check_identifier(run_id, "run id")
-        check_identifier(lease_id, "lease id")
         check_identifier(event_name, "event name")
+        if not is_identifier(lease_id):
+            return False  # never issued, so never held
         params = {
             "id": run_id,
             "lease_id": lease_id,
@@ -494,7 +498,8 @@ class PostgresStorage:
     ) -> bool:
         """Set a held run's status with its output and error; releases unless running."""
         check_identifier(run_id, "run id")
-        check_identifier(lease_id, "lease id")
+        if not is_identifier(lease_id):
+            return False  # never issued, so never held
         params = {
             "id": run_id,
             "lease_id": lease_id,
@@ -529,8 +534,8 @@ class PostgresStorage:
         """Upsert a step row by id; lease-checked in the same statement when given. A
         stored final row is never overwritten (the statement's guard): ``False``."""
         check_step(result)
-        if lease_id is not None:
-            check_identifier(lease_id, "lease id")
+        if lease_id is not None and not is_identifier(lease_id):
+            return False  # never issued, so never held
         params = {
             "id": result.id,
             "run_id": result.run_id,
@@ -640,7 +645,8 @@ class PostgresStorage:
         """
         check_identifier(event_name, "event name")
         check_step(checkpoint)
-        check_identifier(lease_id, "lease id")
+        if not is_identifier(lease_id):
+            return ConsumeResult(held=False)  # never issued, so never held
         params = {
             "id": checkpoint.run_id,
             "lease_id": lease_id,

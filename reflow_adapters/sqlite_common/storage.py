@@ -55,6 +55,16 @@ from reflow_adapters.sqlite_common.rows import (
 )
 from reflow_adapters.sqlite_common.worker import Health, Job, Worker, retry_busy
 from reflow_core.errors import ConfigError, StorageError
+from reflow_core.identifiers import (
+    MAX_SCHEDULE_KEY_LENGTH,
+    check_holder,
+    check_identifier,
+    check_names,
+    check_run,
+    check_schedule,
+    check_step,
+    is_identifier,
+)
 from reflow_core.storage import Clock, system_clock
 from reflow_core.types import (
     ClaimedRun,
@@ -271,6 +281,7 @@ class SQLiteStorageBase:
 
     async def create_run(self, run: WorkflowRun) -> CreateRunResult:
         """Persist a new run, or return the run already holding its idempotency key."""
+        check_run(run)
         params = run_params(run)
         return await self._call(
             "create_run", functools.partial(ops.create_run, run=run, params=params)
@@ -278,10 +289,15 @@ class SQLiteStorageBase:
 
     async def get_run(self, run_id: str) -> WorkflowRun | None:
         """The run, or ``None``."""
+        check_identifier(run_id, "run id")
         return await self._call("get_run", functools.partial(ops.get_run, run_id=run_id))
 
     async def list_runs(self, filter: RunFilter) -> list[WorkflowRun]:
         """Runs newest first by ``(created_at, id)`` with exact keyset paging."""
+        if filter.workflow is not None:
+            check_identifier(filter.workflow, "workflow name")
+        if filter.before_id is not None:
+            check_identifier(filter.before_id, "run id")
         if filter.limit <= 0:
             return []
         return await self._call(
@@ -300,6 +316,8 @@ class SQLiteStorageBase:
         A running run is claimable once its stored ``lease_expires_at`` has passed by
         this adapter's clock; the claim stores ``lease_ms`` and ``holder`` with it.
         """
+        check_names(workflow_names)
+        check_holder(holder)
         if isinstance(lease_ms, bool) or not isinstance(lease_ms, int) or lease_ms < 0:
             raise ValueError(f"lease_ms must be an int >= 0, got {lease_ms!r}")
         if not workflow_names:
@@ -317,12 +335,18 @@ class SQLiteStorageBase:
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
         """Renew a held lease by its stored length; ``False`` once it is lost."""
+        check_identifier(run_id, "run id")
+        if not is_identifier(lease_id):
+            return False  # never issued, so never held
         return await self._changed(
             "heartbeat_run", "heartbeat_run", run_id=run_id, lease_id=lease_id, now=self._clock()
         )
 
     async def sleep_run(self, run_id: str, lease_id: str, wake_at: int) -> bool:
         """Held run to ``sleeping`` until ``wake_at``, lease released."""
+        check_identifier(run_id, "run id")
+        if not is_identifier(lease_id):
+            return False  # never issued, so never held
         return await self._changed(
             "sleep_run",
             "sleep_run",
@@ -336,6 +360,10 @@ class SQLiteStorageBase:
         self, run_id: str, lease_id: str, event_name: str, wake_at: int | None
     ) -> bool:
         """Held run to ``waiting`` (or ``pending`` if the event is already buffered)."""
+        check_identifier(run_id, "run id")
+        check_identifier(event_name, "event name")
+        if not is_identifier(lease_id):
+            return False  # never issued, so never held
         return await self._changed(
             "wait_run",
             "wait_run",
@@ -350,6 +378,7 @@ class SQLiteStorageBase:
         self, run_id: str, status: RunStatus, *, expected: Collection[RunStatus] | None = None
     ) -> bool:
         """Set a status without a lease check; with ``expected``, atomically conditional."""
+        check_identifier(run_id, "run id")
         return await self._changed(
             "update_run_status",
             "update_run_status",
@@ -369,6 +398,9 @@ class SQLiteStorageBase:
         error: ErrorInfo | None = None,
     ) -> bool:
         """Set a held run's status with its output and error; lease kept only if running."""
+        check_identifier(run_id, "run id")
+        if not is_identifier(lease_id):
+            return False  # never issued, so never held
         return await self._changed(
             "update_claimed_run_status",
             "update_claimed_run_status",
@@ -383,6 +415,7 @@ class SQLiteStorageBase:
     async def requeue_run(self, run_id: str) -> bool:
         """A failed or cancelled run back to pending, dropping only its failed steps;
         ``recoveries`` back to 0."""
+        check_identifier(run_id, "run id")
         return await self._call(
             "requeue_run", functools.partial(ops.requeue_run, run_id=run_id, now=self._clock())
         )
@@ -392,6 +425,9 @@ class SQLiteStorageBase:
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
         """Upsert a step row by id; with a lease, only while the lease is held. A final
         row (completed, completed-early, skipped) is never changed: ``False``."""
+        check_step(result)
+        if lease_id is not None and not is_identifier(lease_id):
+            return False  # never issued, so never held
         params = step_params(result, lease_id)
         return await self._call(
             "save_step_result", functools.partial(ops.save_step_result, params=params)
@@ -399,6 +435,7 @@ class SQLiteStorageBase:
 
     async def get_step_results(self, run_id: str) -> list[StepResult]:
         """The run's steps ordered by ``(created_at, id)``."""
+        check_identifier(run_id, "run id")
         return await self._call(
             "get_step_results", functools.partial(ops.get_step_results, run_id=run_id)
         )
@@ -413,6 +450,10 @@ class SQLiteStorageBase:
         ``False`` (nothing stored) for a missing, completed, failed or cancelled run. A
         ``key`` already delivered to the run stores nothing and answers ``True``.
         """
+        check_identifier(run_id, "run id")
+        check_identifier(event_name, "event name")
+        if key is not None:
+            check_identifier(key, "event key")
         params = {
             "run_id": run_id,
             "event_name": event_name,
@@ -426,6 +467,8 @@ class SQLiteStorageBase:
 
     async def take_event(self, run_id: str, event_name: str) -> EventRecord | None:
         """Remove and return the oldest buffered event of that name."""
+        check_identifier(run_id, "run id")
+        check_identifier(event_name, "event name")
         return await self._call(
             "take_event", functools.partial(ops.take_event, run_id=run_id, event_name=event_name)
         )
@@ -435,6 +478,10 @@ class SQLiteStorageBase:
     ) -> ConsumeResult:
         """Take the oldest event and checkpoint its payload in one writer job (one commit);
         ``held=False`` if the lease is not held or the checkpoint's row is already final."""
+        check_identifier(event_name, "event name")
+        check_step(checkpoint)
+        if not is_identifier(lease_id):
+            return ConsumeResult(held=False)  # never issued, so never held
         # The checkpoint's own output is replaced by the payload, so it is never encoded.
         row = msgspec.structs.replace(checkpoint, output=None)
         params = {**step_params(row, lease_id), "event_name": event_name}
@@ -446,6 +493,7 @@ class SQLiteStorageBase:
 
     async def upsert_schedule(self, schedule: Schedule) -> Schedule:
         """Insert or update a schedule; keeps created_at, and next_run_at if unchanged."""
+        check_schedule(schedule)
         params = schedule_params(schedule)
         return await self._call(
             "upsert_schedule", functools.partial(ops.upsert_schedule, params=params)
@@ -454,6 +502,7 @@ class SQLiteStorageBase:
     async def claim_due_schedule(self, workflow_names: Collection[str]) -> ClaimedSchedule | None:
         """Claim the earliest schedule due by the adapter's clock and advance it in the same
         transaction."""
+        check_names(workflow_names)
         if not workflow_names:
             return None
         return await self._call(
@@ -465,6 +514,7 @@ class SQLiteStorageBase:
 
     async def delete_schedule(self, key: str) -> bool:
         """Remove a schedule; ``False`` if there was none."""
+        check_identifier(key, "schedule key", MAX_SCHEDULE_KEY_LENGTH)
         return await self._changed("delete_schedule", "delete_schedule", key=key)
 
     async def list_schedules(self) -> list[Schedule]:

@@ -296,7 +296,7 @@ async def key_spans_event_names(h: Harness) -> None:
 async def distinct_keys_and_no_key_all_stored(h: Harness) -> None:
     """Distinct keys are distinct deliveries, and deliveries without a key never dedupe."""
     run = await h.create()
-    for payload, key in ((1, None), (2, "k1"), (3, None), (4, "k2"), (5, "K1"), (6, "")):
+    for payload, key in ((1, None), (2, "k1"), (3, None), (4, "k2"), (5, "K1"), (6, " k1")):
         ok = await h.storage.deliver_event(run.id, "ev", payload, key=key)
         expect(ok, True, f"deliver {payload} with key {key!r}")
     expect(await _payloads(h, run.id), [1, 2, 3, 4, 5, 6], "events buffered, in order")

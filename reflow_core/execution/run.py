@@ -56,7 +56,19 @@ releases at INFO, completions at DEBUG. Embedded engines log the same as workers
 
 def step_id(run_id: str, name: str) -> str:
     """The row id of unit ``name`` of run ``run_id``: deterministic, so a re-executed step
-    updates its row in place instead of adding a second one."""
+    updates its row in place instead of adding a second one.
+
+    ``<run id>/<name>`` (every id the engine generates has no ``/``). Distinct pairs
+    always get distinct ids: a run id containing ``/`` gets ``/<length>/<run id>/<name>``
+    instead, which no plain id can equal (a run id is never empty, so a plain id never
+    starts with ``/``), so step ``a/b`` of run ``x`` and step ``b`` of run ``x/a`` do
+    not collide. At most 516 characters for two 255-character identifiers.
+
+    >>> step_id("x", "a/b"), step_id("x/a", "b")
+    ('x/a/b', '/3/x/a/b')
+    """
+    if "/" in run_id:
+        return f"/{len(run_id)}/{run_id}/{name}"
     return f"{run_id}/{name}"
 
 

@@ -15,6 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCTESTED = [
     "reflow_core.codec",
     "reflow_core.durations",
+    "reflow_core.damage",
+    "reflow_core.identifiers",
     "reflow_core.lease",
     "reflow_core.registry",
     "reflow_core.retry",

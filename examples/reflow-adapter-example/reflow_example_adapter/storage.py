@@ -17,6 +17,15 @@ it. The design choices an adapter author has to make, and the ones made here:
 * **Exactness.** Values are stored as :func:`reflow_core.codec.encode` bytes, encoded
   *before* any state changes, so a non-persistable value raises ``SerializationError``
   with nothing written, and every read decodes a fresh, equal value of the same type.
+* **Identifiers.** Every id, name and key a method is given is checked first with the
+  helpers of ``reflow_core.identifiers`` (an invalid one, say with a NUL or a lone
+  surrogate, raises ``InvalidIdentifierError`` before anything is read or written; a
+  lease id is only compared, and one never issued is never held), and is then used
+  exactly as given: composite keys are tuples such as ``(workflow, key)``,
+  never ``f"{workflow}:{key}"``, which would let workflow ``a:b`` with key ``c`` find
+  workflow ``a``'s run with key ``b:c``. A SQL adapter compares with ``=`` (never
+  ``LIKE``, whose ``%`` and ``_`` are wildcards) and orders ids and keys by code point
+  (``COLLATE "C"``).
 * **Errors.** Nothing here can fail like a driver does; a broken invariant (a step id
   clash, use after ``close``) is raised as ``StorageError``.
 * **Time.** The store's clock is the only one that decides (contract 2.0): whether a
@@ -60,6 +69,15 @@ from reflow_core import (
     WorkflowRun,
     system_clock,
 )
+from reflow_core.identifiers import (
+    MAX_SCHEDULE_KEY_LENGTH,
+    check_holder,
+    check_identifier,
+    check_names,
+    check_run,
+    check_schedule,
+)
+from reflow_core.identifiers import check_step as check_step_identifiers
 from reflow_core.schedule import next_fire_time
 
 from reflow_example_adapter.tables import (
@@ -138,6 +156,7 @@ class ExampleStorage:
 
     async def create_run(self, run: WorkflowRun) -> CreateRunResult:
         """Store a new run, or return the run already holding its idempotency key."""
+        check_run(run)
         payload, output = enc(run.input), enc(run.output)
         with self._tx("create_run") as db:
             key = run.idempotency_key
@@ -154,12 +173,17 @@ class ExampleStorage:
 
     async def get_run(self, run_id: str) -> WorkflowRun | None:
         """The run, or ``None``."""
+        check_identifier(run_id, "run id")
         with self._tx("get_run") as db:
             row = db.runs.get(run_id)
             return None if row is None else record(row)
 
     async def list_runs(self, filter: RunFilter) -> list[WorkflowRun]:
         """Newest first by ``(created_at, id)``, filtered, with exact keyset paging."""
+        if filter.workflow is not None:
+            check_identifier(filter.workflow, "workflow name")
+        if filter.before_id is not None:
+            check_identifier(filter.before_id, "run id")
         with self._tx("list_runs") as db:
             rows = sorted(db.runs.values(), key=lambda r: (r["created_at"], r["id"]))
             found: list[WorkflowRun] = []
@@ -187,6 +211,8 @@ class ExampleStorage:
     ) -> ClaimedRun | None:
         """Claim the oldest claimable run of the named workflows, atomically, storing the
         claimer's lease length, expiry and holder with it."""
+        check_names(workflow_names)
+        check_holder(holder)
         names = set(workflow_names)
         with self._tx("claim_next_run") as db:
             now = self._clock()
@@ -216,6 +242,7 @@ class ExampleStorage:
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
         """Renew a held lease by its stored length (``updated_at`` unchanged); ``False``
         once it is lost. An expired lease nobody has taken yet is still held."""
+        check_identifier(run_id, "run id")
         with self._tx("heartbeat_run") as db:
             row = held(db, run_id, lease_id)
             if row is not None:
@@ -225,6 +252,7 @@ class ExampleStorage:
 
     async def sleep_run(self, run_id: str, lease_id: str, wake_at: int) -> bool:
         """Held run to ``sleeping`` until ``wake_at``, lease released."""
+        check_identifier(run_id, "run id")
         with self._tx("sleep_run") as db:
             row = held(db, run_id, lease_id)
             if row is not None:
@@ -235,6 +263,8 @@ class ExampleStorage:
         self, run_id: str, lease_id: str, event_name: str, wake_at: int | None
     ) -> bool:
         """Held run to ``waiting`` for ``event_name`` (``pending`` if one is buffered)."""
+        check_identifier(run_id, "run id")
+        check_identifier(event_name, "event name")
         with self._tx("wait_run") as db:
             row = held(db, run_id, lease_id)
             if row is None:
@@ -250,6 +280,7 @@ class ExampleStorage:
         self, run_id: str, status: RunStatus, *, expected: Collection[RunStatus] | None = None
     ) -> bool:
         """Set a status with no lease check (cancel); with ``expected``, only from those."""
+        check_identifier(run_id, "run id")
         with self._tx("update_run_status") as db:
             row = db.runs.get(run_id)
             if row is None or (expected is not None and row["status"] not in expected):
@@ -267,6 +298,7 @@ class ExampleStorage:
         error: ErrorInfo | None = None,
     ) -> bool:
         """Set a held run's status with ``output``/``error``; lease kept only when running."""
+        check_identifier(run_id, "run id")
         encoded = enc(output)
         with self._tx("update_claimed_run_status") as db:
             row = held(db, run_id, lease_id)
@@ -279,6 +311,7 @@ class ExampleStorage:
     async def requeue_run(self, run_id: str) -> bool:
         """A failed or cancelled run back to ``pending``, dropping only its failed steps;
         ``recoveries`` starts again from 0."""
+        check_identifier(run_id, "run id")
         with self._tx("requeue_run") as db:
             row = db.runs.get(run_id)
             if row is None or row["status"] not in REQUEUEABLE:
@@ -297,6 +330,7 @@ class ExampleStorage:
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
         """Upsert a step row by id; with ``lease_id``, only while that lease is held. A
         final row is never written again (``False``): the first writer wins."""
+        check_step_identifiers(result)
         output = enc(result.output)
         with self._tx("save_step_result") as db:
             if lease_id is not None and held(db, result.run_id, lease_id) is None:
@@ -309,6 +343,7 @@ class ExampleStorage:
 
     async def get_step_results(self, run_id: str) -> list[StepResult]:
         """The run's step rows ordered by ``(created_at, id)``."""
+        check_identifier(run_id, "run id")
         with self._tx("get_step_results") as db:
             rows = sorted(
                 db.steps.get(run_id, {}).values(), key=lambda r: (r[0].created_at, r[0].id)
@@ -322,6 +357,10 @@ class ExampleStorage:
     ) -> bool:
         """Buffer an event for a run that has not ended; a run waiting for that name goes to
         ``pending``. A ``key`` already delivered to the run stores nothing (``True``)."""
+        check_identifier(run_id, "run id")
+        check_identifier(event_name, "event name")
+        if key is not None:
+            check_identifier(key, "event key")
         encoded = enc(payload)
         with self._tx("deliver_event") as db:
             row = db.runs.get(run_id)
@@ -341,6 +380,8 @@ class ExampleStorage:
 
     async def take_event(self, run_id: str, event_name: str) -> EventRecord | None:
         """Remove and return the oldest buffered event of that name, or ``None``."""
+        check_identifier(run_id, "run id")
+        check_identifier(event_name, "event name")
         with self._tx("take_event") as db:
             event = pop_event(db, run_id, event_name)
             return None if event is None else EventRecord(dec(event[0]), event[1])
@@ -349,6 +390,8 @@ class ExampleStorage:
         self, event_name: str, checkpoint: StepResult, lease_id: str
     ) -> ConsumeResult:
         """Take the oldest buffered event and checkpoint its payload, all or nothing."""
+        check_identifier(event_name, "event name")
+        check_step_identifiers(checkpoint)
         with self._tx("consume_event") as db:
             run_id = checkpoint.run_id
             if held(db, run_id, lease_id) is None or is_final(db, checkpoint):
@@ -365,6 +408,7 @@ class ExampleStorage:
 
     async def upsert_schedule(self, schedule: Schedule) -> Schedule:
         """Insert or update by key, keeping ``created_at`` (and cadence if unchanged)."""
+        check_schedule(schedule)
         encoded = enc(schedule.input)
         with self._tx("upsert_schedule") as db:
             stored = msgspec.structs.replace(schedule, input=None)
@@ -382,6 +426,7 @@ class ExampleStorage:
     async def claim_due_schedule(self, workflow_names: Collection[str]) -> ClaimedSchedule | None:
         """Claim the earliest schedule due by the store's clock (ties by key) and advance it
         under the same lock."""
+        check_names(workflow_names)
         names = set(workflow_names)
         with self._tx("claim_due_schedule") as db:
             now = self._clock()
@@ -401,6 +446,7 @@ class ExampleStorage:
 
     async def delete_schedule(self, key: str) -> bool:
         """Remove a schedule; ``False`` if there was none."""
+        check_identifier(key, "schedule key", MAX_SCHEDULE_KEY_LENGTH)
         with self._tx("delete_schedule") as db:
             return db.schedules.pop(key, None) is not None
 
