@@ -35,6 +35,10 @@ class StepTable:
         self._rows.clear()
         self._ids.clear()
 
+    def knows(self, step_id: str) -> bool:
+        """Whether a row with this id is stored."""
+        return step_id in self._ids
+
     def existing(self, result: StepResult, operation: str) -> StepResult | None:
         """The stored row an upsert of ``result`` would replace, or ``None``.
 

@@ -40,6 +40,7 @@ from reflow_core.damage import decode_stored
 from reflow_core.errors import StorageError
 from reflow_core.identifiers import (
     MAX_SCHEDULE_KEY_LENGTH,
+    MAX_STEP_ID_LENGTH,
     check_holder,
     check_identifier,
     check_names,
@@ -146,6 +147,21 @@ class MemoryStorage:
         row.updated_at = now
         self._claims.file(row)
 
+    def _check_run_id(self, run_id: str) -> None:
+        # A stored run's id was checked when it was created: only an unknown one needs
+        # the identifier check (which raises for an invalid one; a valid one is "missing").
+        if run_id not in self._runs:
+            check_identifier(run_id, "run id")
+
+    def _check_step(self, result: StepResult) -> None:
+        # Same shortcut for a step row: its stored run (and id, once stored) were checked.
+        if result.run_id not in self._runs:
+            check_step(result)
+            return
+        if not self._steps.knows(result.id):
+            check_identifier(result.id, "step id", MAX_STEP_ID_LENGTH)
+        check_identifier(result.name, "step name")
+
     def _held(self, run_id: str, lease_id: str) -> RunRow | None:
         row = self._runs.get(run_id)
         if row is None or row.status is not _RUNNING or row.lease_id != lease_id:
@@ -175,7 +191,7 @@ class MemoryStorage:
 
     async def get_run(self, run_id: str) -> WorkflowRun | None:
         """The run, or ``None``."""
-        check_identifier(run_id, "run id")
+        self._check_run_id(run_id)
         self._check("get_run")
         row = self._runs.get(run_id)
         return None if row is None else row.record()
@@ -231,7 +247,7 @@ class MemoryStorage:
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
         """Renew a held lease by its stored length; ``False`` once it is lost."""
-        check_identifier(run_id, "run id")
+        self._check_run_id(run_id)
         self._check("heartbeat_run")
         row = self._held(run_id, lease_id)
         if row is None:
@@ -245,7 +261,7 @@ class MemoryStorage:
 
     async def sleep_run(self, run_id: str, lease_id: str, wake_at: int) -> bool:
         """Held run to ``sleeping`` until ``wake_at``, lease released; ``False`` if not held."""
-        check_identifier(run_id, "run id")
+        self._check_run_id(run_id)
         self._check("sleep_run")
         row = self._held(run_id, lease_id)
         if row is None:
@@ -257,7 +273,7 @@ class MemoryStorage:
         self, run_id: str, lease_id: str, event_name: str, wake_at: int | None
     ) -> bool:
         """Held run to ``waiting`` for ``event_name`` (``pending`` if one is buffered)."""
-        check_identifier(run_id, "run id")
+        self._check_run_id(run_id)
         check_identifier(event_name, "event name")
         self._check("wait_run")
         row = self._held(run_id, lease_id)
@@ -278,7 +294,7 @@ class MemoryStorage:
         expected: Collection[RunStatus] | None = None,
     ) -> bool:
         """Set a status with no lease check, clearing lease and wake; optionally conditional."""
-        check_identifier(run_id, "run id")
+        self._check_run_id(run_id)
         self._check("update_run_status")
         row = self._runs.get(run_id)
         if row is None or (expected is not None and row.status not in expected):
@@ -301,7 +317,7 @@ class MemoryStorage:
         error: ErrorInfo | None = None,
     ) -> bool:
         """Set a held run's status with ``output``/``error``; lease kept only when running."""
-        check_identifier(run_id, "run id")
+        self._check_run_id(run_id)
         self._check("update_claimed_run_status")
         data = _enc(output)
         row = self._held(run_id, lease_id)
@@ -314,7 +330,7 @@ class MemoryStorage:
 
     async def requeue_run(self, run_id: str) -> bool:
         """A failed or cancelled run back to ``pending``: failed steps dropped, count reset."""
-        check_identifier(run_id, "run id")
+        self._check_run_id(run_id)
         self._check("requeue_run")
         row = self._runs.get(run_id)
         if row is None or row.status not in _REQUEUEABLE:
@@ -329,7 +345,7 @@ class MemoryStorage:
 
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
         """Upsert a step row by id, never over a final row; with ``lease_id``, only if held."""
-        check_step(result)
+        self._check_step(result)
         self._check("save_step_result")
         output = _enc(result.output)
         if lease_id is not None and self._held(result.run_id, lease_id) is None:
@@ -342,7 +358,7 @@ class MemoryStorage:
 
     async def get_step_results(self, run_id: str) -> list[StepResult]:
         """The run's step rows ordered by ``(created_at, id)``."""
-        check_identifier(run_id, "run id")
+        self._check_run_id(run_id)
         self._check("get_step_results")
         return [
             msgspec.structs.replace(step, output=_dec(data))
@@ -355,7 +371,7 @@ class MemoryStorage:
         self, run_id: str, event_name: str, payload: Any, *, key: str | None = None
     ) -> bool:
         """Buffer an event for a run that has not ended (once per ``key``); wake its waiter."""
-        check_identifier(run_id, "run id")
+        self._check_run_id(run_id)
         check_identifier(event_name, "event name")
         if key is not None:
             check_identifier(key, "event key")
@@ -376,7 +392,7 @@ class MemoryStorage:
 
     async def take_event(self, run_id: str, event_name: str) -> EventRecord | None:
         """Remove and return the oldest buffered event of that name, or ``None``."""
-        check_identifier(run_id, "run id")
+        self._check_run_id(run_id)
         check_identifier(event_name, "event name")
         self._check("take_event")
         event = self._events.pop(run_id, event_name)

@@ -45,13 +45,15 @@ class ActiveRun:
     beat: asyncio.Task[None] | None = None
     """The heartbeat call in flight, if any (never more than one per run)."""
     _fence: asyncio.TimerHandle | None = None
+    _loop: asyncio.AbstractEventLoop | None = None
 
     def arm(self) -> None:
         """Start the fence timer (on the running loop) at :attr:`deadline`."""
         if self._fence is not None:
             self._fence.cancel()
-        loop = asyncio.get_running_loop()
-        self._fence = loop.call_at(self.deadline, self._fence_expired)
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._fence = self._loop.call_at(self.deadline, self._fence_expired)
 
     def renewed(self, sent_at: float, fence_after: float) -> None:
         """The store confirmed a renewal sent at ``sent_at`` (loop time): move the fence."""
@@ -68,7 +70,9 @@ class ActiveRun:
 
     def fenced(self) -> bool:
         """True once the local deadline passed: write nothing more for this run."""
-        return asyncio.get_running_loop().time() >= self.deadline
+        # Read on every write: the loop is kept from arm() rather than looked up each time.
+        loop = self._loop or asyncio.get_running_loop()
+        return loop.time() >= self.deadline
 
     def _fence_expired(self) -> None:
         self._fence = None

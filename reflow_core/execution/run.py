@@ -189,20 +189,28 @@ class RunExecution:
         row = self.step_row(
             name, status, output=output, error=error, attempts=attempts, wake_at=wake_at
         )
+        self.guard()
+        try:  # the common case, without building the retry machinery
+            written = await self.storage.save_step_result(row, self.lease_id)
+        except StorageError:
 
-        async def landed() -> bool:
-            stored = await self.storage.get_step_results(self.run.id)
-            return any(
-                r.id == row.id
-                and r.status == row.status
-                and r.attempts == row.attempts
-                and codec.canonical(r.output) == codec.canonical(row.output)
-                for r in stored
+            async def landed() -> bool:
+                stored = await self.storage.get_step_results(self.run.id)
+                return any(
+                    r.id == row.id
+                    and r.status == row.status
+                    and r.attempts == row.attempts
+                    and codec.canonical(r.output) == codec.canonical(row.output)
+                    for r in stored
+                )
+
+            written = await self.retrying(
+                "save_step_result",
+                lambda: self.storage.save_step_result(row, self.lease_id),
+                landed,
+                failed=True,
             )
-
-        if not await self.retrying(
-            "save_step_result", lambda: self.storage.save_step_result(row, self.lease_id), landed
-        ):
+        if not written:
             raise LeaseExpiredError(
                 self.run.id,
                 f"the store refused the checkpoint of {name!r} (the lease is no longer held, "
@@ -216,6 +224,8 @@ class RunExecution:
         operation: str,
         call: Callable[[], Awaitable[bool]],
         landed: Callable[[], Awaitable[bool]],
+        *,
+        failed: bool = False,
     ) -> bool:
         """A lease-checked write, retried with backoff while a transient ``StorageError``
         lasts and the lease fence allows, instead of abandoning the run at the first one.
@@ -226,7 +236,14 @@ class RunExecution:
         """
         loop = asyncio.get_running_loop()
         delay = _RETRY_FIRST_S
-        failed = False
+        if failed:  # the caller's own first attempt raised: wait before the retry
+            self._log(
+                logging.WARNING,
+                "run %s (%s): %s failed; retrying within the lease",
+                operation,
+            )
+            await asyncio.sleep(delay)
+            delay *= 2
         while True:
             self.guard()
             try:
