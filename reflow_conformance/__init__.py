@@ -7,8 +7,9 @@ Use it from pytest (the plugin is installed with Reflow)::
 or as a library, without pytest::
 
     import reflow_conformance
-    report = reflow_conformance.run("sqlite")
+    report = reflow_conformance.run("sqlite")  # seed=, stress= as for pytest
     print(reflow_conformance.render_table(report))
+    reflow_conformance.write_report("CONFORMANCE.md", report)  # Markdown; JSON for .json
 
 Names are imported lazily: the pytest plugin module lives in this package and is
 imported by every pytest run of anyone who installs Reflow, so importing the package
@@ -23,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from reflow_conformance.cases import CONTRACT_VERSION, Case, case, select_cases
     from reflow_conformance.harness import ContractViolation, Harness, assert_exact
-    from reflow_conformance.report import Outcome, Report, render_table
+    from reflow_conformance.report import (
+        Outcome,
+        Report,
+        render_table,
+        to_markdown,
+        write_report,
+    )
     from reflow_conformance.runner import run, run_spec
 
 __all__ = [
@@ -39,6 +46,8 @@ __all__ = [
     "run",
     "run_spec",
     "select_cases",
+    "to_markdown",
+    "write_report",
 ]
 
 _WHERE = {
@@ -52,6 +61,8 @@ _WHERE = {
     "Outcome": "report",
     "Report": "report",
     "render_table": "report",
+    "to_markdown": "report",
+    "write_report": "report",
     "run": "runner",
     "run_spec": "runner",
 }

@@ -10,7 +10,12 @@ Two kinds of case function exist:
 
 * ``async def fn(h: Harness) -> None`` — the common kind, run on the case's event loop;
 * ``def fn(h: Harness) -> None`` — for cases that drive Hypothesis, which needs a plain
-  function; they reach the adapter through ``h.sync(awaitable)``.
+  function; they reach the adapter through ``h.sync(awaitable)``. Every synchronous case
+  is treated as Hypothesis-driven: it runs under the session's recorded seed, and its
+  failures say how to replay it.
+
+A *race* case (``Case.race``) releases racers together with a barrier; it is repeated
+``--reflow-stress`` times, each on a fresh store.
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ SUITE_MODULES = (
     "requeue",
     "schedules",
     "values",
+    "identifiers",
     "lifecycle",
     "concurrency",
+    "rules",
     "model",
     "engine",
 )
@@ -68,6 +75,15 @@ class Case(msgspec.Struct, frozen=True, kw_only=True):
     """Capabilities the adapter must declare for the case to apply."""
     function: CaseFunction
     is_async: bool = True
+    race: bool = False
+    """Races barrier-released racers: ``--reflow-stress=N`` runs it N times, each time on a
+    fresh store (a race that passes once may still lose on the next interleaving)."""
+
+    @property
+    def uses_hypothesis(self) -> bool:
+        """Whether the case drives Hypothesis (the synchronous kind): it runs under the
+        session's seed, and its failures name the seed that replays them."""
+        return not self.is_async
 
     def missing_capabilities(self, declared: Iterable[Capability]) -> list[Capability]:
         """Required capabilities the adapter does not declare, sorted by name."""
@@ -82,12 +98,16 @@ def case(
     description: str | None = None,
     *,
     requires: Iterable[Capability | str] = (),
+    race: bool | None = None,
 ) -> Callable[[CaseFunction], CaseFunction]:
     """Register the decorated function as case ``case_id``.
 
     The area is the part of the id before the first dot. ``description`` defaults to the
     function's docstring. ``requires`` accepts :class:`Capability` members or their
-    names; an unknown name is an error at import time, not a silent skip.
+    names; an unknown name is an error at import time, not a silent skip. ``race``
+    marks a race case (repeated under ``--reflow-stress``); by default a case is one when
+    it is in the ``concurrency`` area or its id names a racing mode (``*_coroutines``,
+    ``*_threads``, ``*_processes``, ``*.concurrent_*``).
     """
     capabilities = frozenset(
         c if isinstance(c, Capability) else Capability.parse(c) for c in requires
@@ -107,10 +127,20 @@ def case(
             requires=capabilities,
             function=function,
             is_async=inspect.iscoroutinefunction(function),
+            race=is_race_id(case_id) if race is None else race,
         )
         return function
 
     return register
+
+
+_RACE_SUFFIXES = ("_coroutines", "_threads", "_processes")
+
+
+def is_race_id(case_id: str) -> bool:
+    """Whether a case id names a race (see :func:`case`'s ``race``)."""
+    area, _, what = case_id.partition(".")
+    return area == "concurrency" or what.endswith(_RACE_SUFFIXES) or what.startswith("concurrent_")
 
 
 def _origin(function: CaseFunction) -> tuple[str, str]:

@@ -11,20 +11,37 @@ millisecond before or at its expiry, and never sleeps. Every handle the harness 
 this process (another handle from ``url``, one per racer thread) shares that clock.
 Handles in other processes cannot: they use the store's own clock, and the cases that
 race them wait (a bounded poll of ``now()``) for that clock to pass an expiry instead.
+
+Before any case opens another handle onto the store (a racer thread or process, a second
+handle, a reopening), the harness checks that ``open_storage(storage.url)`` builds the
+adapter under test again (:meth:`Harness.verify_url`): otherwise those cases would test
+whatever adapter the URL's scheme belongs to, and pass for the wrong reason.
+
+Failures point at the case's own line: the helpers here set ``__tracebackhide__`` (pytest
+hides their frames) and :func:`case_location` finds the case's frame for the runner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import difflib
+import enum
+import inspect
 import itertools
+import linecache
+import os
+import re
 import threading
+import types
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from reflow_core.registry import AdapterSpec, Capability, open_storage
+import msgspec
+
+from reflow_core.registry import AdapterSpec, Capability, adapter_specs, open_storage
 from reflow_core.storage import StorageAdapter, system_clock
 from reflow_core.types import (
     ClaimedRun,
@@ -47,6 +64,7 @@ __all__ = [
     "HarnessError",
     "KitClock",
     "assert_exact",
+    "case_location",
     "expect",
 ]
 
@@ -67,11 +85,24 @@ BARRIER_TIMEOUT_S = 60.0
 """A racer that never reaches the barrier is a harness failure, not a hang."""
 
 
-class ContractViolation(AssertionError):
-    """An adapter broke a promise of the contract: says what, what was expected, what came."""
+SHARING = frozenset({Capability.THREADS, Capability.CROSS_PROCESS, Capability.DURABLE})
+"""Capabilities whose cases open other handles from the store's ``url``."""
 
-    def __init__(self, what: str, expected: Any = None, got: Any = None) -> None:
-        super().__init__(f"{what}\n  expected: {expected!r}\n  got:      {got!r}")
+
+class ContractViolation(AssertionError):
+    """An adapter broke a promise of the contract: says what, what was expected, what came.
+
+    With ``detail`` (a diff, say), the message shows it instead of both values in full;
+    ``expected`` and ``got`` are kept as attributes either way.
+    """
+
+    def __init__(
+        self, what: str, expected: Any = None, got: Any = None, *, detail: str | None = None
+    ) -> None:
+        if detail is None:
+            super().__init__(f"{what}\n  expected: {expected!r}\n  got:      {got!r}")
+        else:
+            super().__init__(f"{what}\n{detail}")
         self.what = what
         self.expected = expected
         self.got = got
@@ -83,6 +114,7 @@ class HarnessError(Exception):
 
 def expect(got: Any, expected: Any, what: str) -> None:
     """Raise :class:`ContractViolation` unless ``got == expected``."""
+    __tracebackhide__ = True
     if got != expected:
         raise ContractViolation(what, expected, got)
 
@@ -94,6 +126,7 @@ def assert_exact(got: Any, expected: Any, what: str = "value", path: str = "$") 
     must also keep their UTC offset (equal instants with other offsets differ). ``fold``
     is not compared: ``isoformat`` does not carry it and equal datetimes ignore it.
     """
+    __tracebackhide__ = True
     if type(got) is not type(expected):
         raise ContractViolation(
             f"{what} at {path}: type changed", type(expected).__name__, type(got).__name__
@@ -117,6 +150,216 @@ def assert_exact(got: Any, expected: Any, what: str = "value", path: str = "$") 
             raise ContractViolation(f"{what} at {path}: datetime differs", expected, got)
     elif got != expected:
         raise ContractViolation(f"{what} at {path}: value differs", expected, got)
+
+
+# -- where a failure happened ----------------------------------------------------------
+
+_KIT_DIR = Path(__file__).resolve().parent
+_KIT_MACHINERY = frozenset(
+    str(_KIT_DIR / name) for name in ("harness.py", "runner.py", "plugin.py", "cases.py")
+)
+
+
+def _frames(exc: BaseException) -> list[tuple[types.FrameType, int]]:
+    """The frames ``exc`` passed through, outermost first, with their line numbers."""
+    frames: list[tuple[types.FrameType, int]] = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame, tb.tb_lineno))
+        tb = tb.tb_next
+    return frames
+
+
+def _hidden(frame: types.FrameType) -> bool:
+    try:
+        return bool(frame.f_locals.get("__tracebackhide__", False))
+    except Exception:  # an exotic frame; never let the locator itself fail
+        return False
+
+
+def _case_files(function: Callable[..., Any] | None) -> set[str]:
+    """Files holding case functions: this case's, and every registered case's."""
+    from reflow_conformance.cases import _REGISTRY
+
+    files = {_code_file(c.function) for c in _REGISTRY.values()}
+    if function is not None:
+        files.add(_code_file(function))
+    files.discard("")
+    return files
+
+
+def _code_file(function: Callable[..., Any]) -> str:
+    code = getattr(inspect.unwrap(function), "__code__", None)
+    return os.path.realpath(code.co_filename) if code is not None else ""
+
+
+def _in_kit(filename: str) -> bool:
+    return Path(filename).resolve().is_relative_to(_KIT_DIR)
+
+
+def display_path(filename: str) -> str:
+    """``filename`` relative to the kit's installation root when inside the kit, relative
+    to the working directory when below it, absolute otherwise."""
+    path = Path(filename).resolve()
+    for root in (_KIT_DIR.parent, Path.cwd()):
+        if path.is_relative_to(root):
+            return path.relative_to(root).as_posix()
+    return str(path)
+
+
+def case_location(
+    exc: BaseException, function: Callable[..., Any] | None = None, *, source: bool = False
+) -> str:
+    """``file:line`` of the case's own line that ``exc`` came from, or ``""``.
+
+    Walks the traceback from the innermost frame outwards and takes the first frame in a
+    file of case functions (``function``'s, or any registered case's) that is not a
+    helper (a frame with ``__tracebackhide__``, or one of the kit's own modules): the line
+    that called ``expect()`` or ``assert_exact()``, or the call into the adapter that
+    raised. Failing that, the innermost such frame in the kit's own modules. With
+    ``source``, the line's text follows on a second line.
+    """
+    candidates = [
+        (frame, line)
+        for frame, line in _frames(exc)
+        if not _hidden(frame) and os.path.realpath(frame.f_code.co_filename) not in _KIT_MACHINERY
+    ]
+    if not candidates and isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        return case_location(exc.exceptions[0], function, source=source)
+    files = _case_files(function)
+    chosen = next(
+        (c for c in reversed(candidates) if os.path.realpath(c[0].f_code.co_filename) in files),
+        None,
+    )
+    if chosen is None:
+        chosen = next((c for c in reversed(candidates) if _in_kit(c[0].f_code.co_filename)), None)
+    if chosen is None:
+        return ""
+    frame, line = chosen
+    where = f"{display_path(frame.f_code.co_filename)}:{line}"
+    if source:
+        text = linecache.getline(frame.f_code.co_filename, line).strip()
+        if text:
+            where += f"\n    {text}"
+    return where
+
+
+# -- "nothing changed": a diff of two snapshots -----------------------------------------
+
+_DIFF_LINES = 60
+_VALUE_CHARS = 200
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        return repr(value.value)
+    return repr(value)
+
+
+def _fields(prefix: str, record: Any) -> list[str]:
+    if record is None:
+        return [f"{prefix} = None"]
+    if isinstance(record, msgspec.Struct):
+        return [
+            f"{prefix}.{name} = {_show(getattr(record, name))}" for name in record.__struct_fields__
+        ]
+    return [f"{prefix} = {_show(record)}"]
+
+
+def snapshot_lines(snapshot: Any, run_ids: Sequence[str]) -> list[str]:
+    """A :meth:`Harness.snapshot`, one ``read(...).field = value`` line per field."""
+    runs, steps, listed, schedules = snapshot
+    lines: list[str] = []
+    read = dict(zip(run_ids, runs, strict=False))
+    for run_id, run in read.items():
+        lines += _fields(f"get_run({run_id!r})", run)
+    for run_id, rows in zip(run_ids, steps, strict=False):
+        lines.append(f"get_step_results({run_id!r}) = {len(rows)} rows")
+        for row in rows:
+            lines += _fields(f"get_step_results({run_id!r})[{row.name!r}]", row)
+    lines.append(f"list_runs() ids = {[r.id for r in listed]!r}")
+    for run in listed:
+        if read.get(run.id) == run:  # shown once, under get_run, unless they differ
+            lines.append(f"list_runs()[{run.id!r}] = the get_run({run.id!r}) record")
+        else:
+            lines += _fields(f"list_runs()[{run.id!r}]", run)
+    lines.append(f"list_schedules() keys = {[s.key for s in schedules]!r}")
+    for schedule in schedules:
+        lines += _fields(f"list_schedules()[{schedule.key!r}]", schedule)
+    return lines
+
+
+def snapshot_diff(before: Any, after: Any, run_ids: Sequence[str]) -> str:
+    """What differs between two snapshots, as a compact unified diff (no context lines);
+    only the fields that changed, each named by the read and the record it came from."""
+    old, new = snapshot_lines(before, run_ids), snapshot_lines(after, run_ids)
+    changed = [
+        line if line.startswith(("---", "+++")) else f"{line[0]} {line[1:]}"
+        for line in difflib.unified_diff(old, new, "before", "after", n=0, lineterm="")
+        if not line.startswith("@@")
+    ]
+    shown = [
+        line if len(line) <= _VALUE_CHARS else f"{line[:_VALUE_CHARS]}... ({len(line)} chars)"
+        for line in changed[:_DIFF_LINES]
+    ]
+    if len(changed) > _DIFF_LINES:
+        shown.append(f"... {len(changed) - _DIFF_LINES} more diff lines")
+    return "\n".join(f"  {line}" for line in shown)
+
+
+def _yielded(value: Any) -> StorageAdapter:
+    if not _is_adapter(value):
+        raise HarnessError(
+            f"the conformance factory produced {value!r}, not a storage adapter (expected "
+            "the adapter, or a generator or context manager yielding it)"
+        )
+    storage: StorageAdapter = value
+    return storage
+
+
+async def _run_teardown(teardown: Teardown) -> BaseException | None:
+    """Run one factory teardown; what it raised, as a :class:`HarnessError`."""
+    try:
+        await teardown()
+    except HarnessError as exc:
+        return exc
+    except Exception as exc:
+        error = HarnessError(
+            f"the conformance factory's teardown raised {type(exc).__name__}: {exc}"
+        )
+        error.__cause__ = exc
+        return error
+    return None
+
+
+# -- adapter identity behind a URL ---------------------------------------------------------
+
+
+def _spec_for_url(url: str) -> AdapterSpec | None:
+    """The spec ``open_storage(url)`` picks (the same resolution as the registry's)."""
+    try:
+        specs = adapter_specs()
+    except Exception:
+        return None
+    if "://" in url or url.endswith(":"):
+        scheme = url.split(":", 1)[0].lower()
+        base_scheme = scheme.split("+", 1)[0]
+        for spec in specs.values():
+            if scheme in spec.schemes or base_scheme in spec.schemes:
+                return spec
+        return None
+    return specs.get(url)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_adapter(value: Any) -> bool:
+    return all(callable(getattr(value, m, None)) for m in ("initialize", "close", "get_run"))
+
+
+Teardown = Callable[[], Awaitable[None]]
 
 
 RaceFunction = Callable[[StorageAdapter, int], Awaitable[T]]
@@ -174,6 +417,8 @@ class Harness:
         """The case's clock: the store's "now" for every handle opened in this process."""
         self._storage: StorageAdapter | None = None
         self._handles: list[StorageAdapter] = []
+        self._teardowns: list[tuple[StorageAdapter, Teardown]] = []
+        self._verified_urls: set[str] = set()
         self._counter = itertools.count(1)
 
     # -- lifecycle (driven by the runner) -------------------------------------
@@ -185,20 +430,35 @@ class Harness:
             raise HarnessError("the harness has no storage (setup did not run)")
         return self._storage
 
-    async def setup(self) -> None:
-        """Build and initialize the adapter under test; raises :class:`HarnessError`."""
+    async def setup(self, *, verify_url: bool = False) -> None:
+        """Build and initialize the adapter under test; raises :class:`HarnessError`.
+
+        With ``verify_url`` (the case opens other handles from the store's url), also
+        :meth:`verify_url`, so a URL that opens another adapter is a setup error.
+        """
         self._storage = await self.fresh_storage()
+        if verify_url:
+            self.verify_url()
 
     async def fresh_storage(self) -> StorageAdapter:
         """Another fresh, empty, initialized adapter from the conformance factory, called
-        as ``factory(tmp_path, options, clock=self.clock)``."""
+        as ``factory(tmp_path, options, clock=self.clock)``.
+
+        The factory may return the adapter, or a generator / async generator yielding it
+        once, or a (sync or async) context manager around it: the code after ``yield``,
+        or the ``__exit__``, is its teardown, run by :meth:`close_all` (or
+        :meth:`discard`) once the handles are closed, even when the case failed.
+        """
         factory = self.spec.conformance_factory
         if factory is None:
             raise HarnessError(f"adapter {self.spec.name!r} has no conformance_factory")
         directory = self.tmp_path / f"store-{next(self._counter)}"
         directory.mkdir(parents=True, exist_ok=True)
         try:
-            storage = factory(directory, self.options, clock=self.clock)
+            made = factory(directory, self.options, clock=self.clock)
+            storage, teardown = await self._enter(made)
+        except HarnessError:
+            raise
         except TypeError as exc:
             if "clock" not in str(exc):
                 raise HarnessError(f"conformance factory raised TypeError: {exc}") from exc
@@ -210,8 +470,69 @@ class Harness:
         except Exception as exc:
             raise HarnessError(f"conformance factory raised {type(exc).__name__}: {exc}") from exc
         self._handles.append(storage)
+        if teardown is not None:
+            self._teardowns.append((storage, teardown))
         await self._initialize(storage)
         return storage
+
+    @staticmethod
+    async def _enter(made: Any) -> tuple[StorageAdapter, Teardown | None]:
+        """The adapter a conformance factory's result stands for, and its teardown."""
+        if inspect.isgenerator(made):
+            generator = made
+            try:
+                storage = next(generator)
+            except StopIteration:
+                raise HarnessError(
+                    "the conformance factory (a generator) yielded nothing"
+                ) from None
+
+            async def finish_generator() -> None:
+                try:
+                    next(generator)
+                except StopIteration:
+                    return
+                generator.close()
+                raise HarnessError("the conformance factory (a generator) yielded twice")
+
+            return _yielded(storage), finish_generator
+        if inspect.isasyncgen(made):
+            agenerator = made
+            try:
+                storage = await anext(agenerator)
+            except StopAsyncIteration:
+                raise HarnessError(
+                    "the conformance factory (an async generator) yielded nothing"
+                ) from None
+
+            async def finish_async_generator() -> None:
+                try:
+                    await anext(agenerator)
+                except StopAsyncIteration:
+                    return
+                await agenerator.aclose()
+                raise HarnessError("the conformance factory (an async generator) yielded twice")
+
+            return _yielded(storage), finish_async_generator
+        if _is_adapter(made):
+            return made, None  # the plain kind (an adapter may itself be a context manager)
+        if callable(getattr(made, "__aenter__", None)) and callable(
+            getattr(made, "__aexit__", None)
+        ):
+            manager = made
+
+            async def exit_async() -> None:
+                await manager.__aexit__(None, None, None)
+
+            return _yielded(await manager.__aenter__()), exit_async
+        if callable(getattr(made, "__enter__", None)) and callable(getattr(made, "__exit__", None)):
+            sync_manager = made
+
+            async def exit_sync() -> None:
+                sync_manager.__exit__(None, None, None)
+
+            return _yielded(sync_manager.__enter__()), exit_sync
+        return _yielded(made), None
 
     async def _initialize(self, storage: StorageAdapter) -> None:
         try:
@@ -222,7 +543,9 @@ class Harness:
             raise HarnessError(f"initialize() raised {type(exc).__name__}: {exc}") from exc
 
     async def close_all(self) -> list[BaseException]:
-        """Close every handle opened for this case, newest first; return what raised."""
+        """Close every handle opened for this case, newest first, then run the conformance
+        factory's teardowns, newest first; return what raised (a teardown's failure as a
+        :class:`HarnessError`)."""
         errors: list[BaseException] = []
         while self._handles:
             handle = self._handles.pop()
@@ -230,32 +553,92 @@ class Harness:
                 await handle.close()
             except Exception as exc:
                 errors.append(exc)
+        while self._teardowns:
+            _, teardown = self._teardowns.pop()
+            error = await _run_teardown(teardown)
+            if error is not None:
+                errors.append(error)
         return errors
+
+    async def discard(self, storage: StorageAdapter) -> None:
+        """Close one handle now (one :meth:`fresh_storage` made, say) and run its factory
+        teardown, instead of at the end of the case: for cases that make many stores,
+        such as the state machine (one per example)."""
+        self._handles = [h for h in self._handles if h is not storage]
+        try:
+            await storage.close()
+        finally:
+            for entry in [e for e in self._teardowns if e[0] is storage]:
+                self._teardowns.remove(entry)
+                error = await _run_teardown(entry[1])
+                if error is not None:
+                    raise error
 
     def sync(self, awaitable: Awaitable[T]) -> T:
         """Run ``awaitable`` on the case's loop; for synchronous (Hypothesis) cases only."""
+        __tracebackhide__ = True
         return self.loop.run_until_complete(awaitable)
 
     # -- other handles ----------------------------------------------------------
 
     @property
     def url(self) -> str:
-        """URL of the store under test; :class:`HarnessError` if it cannot be shared."""
+        """URL of the store under test, checked by :meth:`verify_url`; a
+        :class:`HarnessError` if it cannot be shared or opens another adapter."""
+        return self.verify_url()
+
+    def verify_url(self) -> str:
+        """Check, once per URL, that ``open_storage(storage.url)`` builds the adapter under
+        test again — the same class, through the same :class:`AdapterSpec` — and return
+        the URL; otherwise raise :class:`HarnessError` saying what it built and how to fix
+        it.
+
+        Every case that opens another handle (racer threads and processes,
+        :meth:`open_another`, a reopening) goes through the URL. A subclass of a built-in
+        adapter that keeps the built-in's scheme would have those cases run against the
+        built-in adapter and pass for the wrong reason, so this is an error, not a pass.
+        The probe handle is built but not initialized (constructors do no I/O); it is
+        closed with the others.
+        """
         url = self.storage.url
         if not url:
             raise HarnessError(
                 f"adapter {self.spec.name!r} declares a sharing capability but its url is "
                 f"{url!r}; open_storage() cannot open the same store again"
             )
+        if url not in self._verified_urls:
+            probe = self._open_storage(url, shared_clock=True)
+            self._handles.append(probe)
+            self._check_same_adapter(url, probe)
+            self._verified_urls.add(url)
         return url
 
-    def open_url(self, url: str, *, shared_clock: bool = True) -> StorageAdapter:
-        """``open_storage(url, clock=self.clock)`` (or without the clock), not initialized.
+    def _check_same_adapter(self, url: str, handle: StorageAdapter) -> None:
+        expected, got = type(self.storage), type(handle)
+        resolved = _spec_for_url(url)
+        same_spec = resolved is None or resolved.name == self.spec.name
+        if got is expected and same_spec:
+            return
+        through = (
+            f" through adapter {resolved.name!r} ({resolved.distribution or 'in-process'})"
+            if resolved is not None
+            else ""
+        )
+        other = repr(resolved.name) if resolved is not None else "another adapter"
+        scheme = re.sub(r"[^a-z0-9+.-]", "-", self.spec.name.lower()) or "myadapter"
+        raise HarnessError(
+            f"open_storage({url!r}) built {_qualname(got)}{through}, but the adapter under "
+            f"test is {self.spec.name!r} ({_qualname(expected)}); every case that opens "
+            "another handle onto the store (racer threads and processes, a second handle, "
+            f"reopening) would test {other} instead of yours, so the kit refuses to run it. "
+            f"Fix: give {self.spec.name!r} a URL scheme of its own "
+            f"(AdapterSpec(schemes=({scheme!r},), factory=...) building "
+            f"{expected.__qualname__} from a {scheme}://... URL), make the adapter's url "
+            f"use that scheme, and register the spec (a 'reflow' entry point, or "
+            "reflow_core.register_adapter(spec) before the kit runs)"
+        )
 
-        The adapter's URL factory must accept ``clock=`` for the kit to share its clock
-        with handles it opens in this process; a factory that refuses is a harness error
-        naming the requirement.
-        """
+    def _open_storage(self, url: str, *, shared_clock: bool) -> StorageAdapter:
         options: dict[str, Any] = {"clock": self.clock} if shared_clock else {}
         try:
             return open_storage(url, **options)
@@ -263,8 +646,20 @@ class Harness:
             raise HarnessError(
                 f"open_storage({url!r}{', clock=<kit clock>' if shared_clock else ''}) "
                 f"raised {exc!r}; the URL factory must accept clock= (the store's 'now' "
-                "for tests)"
+                "for tests), and the URL's scheme must belong to the adapter under test "
+                "(registered: a 'reflow' entry point or reflow_core.register_adapter)"
             ) from exc
+
+    def open_url(self, url: str, *, shared_clock: bool = True) -> StorageAdapter:
+        """``open_storage(url, clock=self.clock)`` (or without the clock), not initialized.
+
+        The adapter's URL factory must accept ``clock=`` for the kit to share its clock
+        with handles it opens in this process; a factory that refuses, or a URL that opens
+        another adapter than the one under test, is a harness error saying so.
+        """
+        handle = self._open_storage(url, shared_clock=shared_clock)
+        self._check_same_adapter(url, handle)
+        return handle
 
     async def open_another(self, *, shared_clock: bool = True) -> StorageAdapter:
         """A second initialized handle onto the same store, via ``open_storage(url)``,
@@ -304,6 +699,7 @@ class Harness:
         If the adapter reports no expiry, advance by :data:`LEASE_MS` (what
         :meth:`claim` asks for), so the cases that need a takeover still get one.
         """
+        __tracebackhide__ = True
         run = await self.get(run_id, storage)
         target = run.lease_expires_at
         if target is None:
@@ -391,12 +787,14 @@ class Harness:
 
     async def create(self, workflow: str = "wf", input: Any = None, **kwargs: Any) -> WorkflowRun:
         """Create a run and return the stored record, checking ``created``."""
+        __tracebackhide__ = True
         result = await self.storage.create_run(self.new_run(workflow, input, **kwargs))
         expect(result.created, True, "create_run(...).created for a new run")
         return result.run
 
     async def get(self, run_id: str, storage: StorageAdapter | None = None) -> WorkflowRun:
         """Read a run that must exist."""
+        __tracebackhide__ = True
         run = await (storage or self.storage).get_run(run_id)
         if run is None:
             raise ContractViolation(f"get_run({run_id!r}) after it was created", "a run", None)
@@ -406,9 +804,11 @@ class Harness:
 
     async def race_coroutines(self, count: int, fn: RaceFunction[T]) -> list[T]:
         """``count`` coroutines on the one handle, released together by a barrier."""
+        __tracebackhide__ = True
         barrier = asyncio.Barrier(count)
 
         async def racer(index: int) -> T:
+            __tracebackhide__ = True
             await barrier.wait()
             return await fn(self.storage, index)
 
@@ -421,12 +821,14 @@ class Harness:
         *before* the barrier, so the race is between the calls under test, not between
         connection set-ups. All share the kit clock.
         """
+        __tracebackhide__ = True
         url = self.url
         barrier = threading.Barrier(count)
         results: list[Any] = [None] * count
         errors: list[BaseException | None] = [None] * count
 
         async def thread_main(index: int) -> None:
+            __tracebackhide__ = True
             handle = self.open_url(url)
             try:
                 await handle.initialize()
@@ -436,6 +838,7 @@ class Harness:
                 await handle.close()
 
         def target(index: int) -> None:
+            __tracebackhide__ = True
             try:
                 asyncio.run(thread_main(index))
             except BaseException as exc:
@@ -488,6 +891,7 @@ class Harness:
         storage: StorageAdapter | None = None,
     ) -> ClaimedRun:
         """Claim and check that the claimed run is ``run_id``."""
+        __tracebackhide__ = True
         claimed = await self.claim_any(names, lease_ms=lease_ms, holder=holder, storage=storage)
         if claimed is None or claimed.run.id != run_id:
             raise ContractViolation(
@@ -508,6 +912,7 @@ class Harness:
         storage: StorageAdapter | None = None,
     ) -> ClaimedRun:
         """Let the run's lease expire (:meth:`expire`), then claim it: a stale takeover."""
+        __tracebackhide__ = True
         await self.expire(run_id, storage)
         return await self.claim(run_id, names, lease_ms=lease_ms, holder=holder, storage=storage)
 
@@ -520,6 +925,7 @@ class Harness:
         holder: LeaseHolder | None = _DEFAULT,
     ) -> ClaimedRun:
         """A new run of ``workflow``, claimed (with ``lease_ms`` and ``holder``)."""
+        __tracebackhide__ = True
         run = await self.create(workflow, input)
         return await self.claim(run.id, (workflow,), lease_ms=lease_ms, holder=holder)
 
@@ -531,8 +937,22 @@ class Harness:
         return runs, steps, listed, await self.storage.list_schedules()
 
     async def expect_unchanged(self, before: Any, run_ids: Collection[str], what: str) -> None:
-        """Fail if anything readable changed since :meth:`snapshot` returned ``before``."""
+        """Fail if anything readable changed since :meth:`snapshot` returned ``before``.
+
+        The failure shows only what differs — per run, step row, listed run and schedule
+        field, as a compact unified diff — not the two snapshots in full.
+        """
+        __tracebackhide__ = True
         after = await self.snapshot(run_ids)
-        labels = ("get_run", "get_step_results", "list_runs", "list_schedules")
-        for label, old, new in zip(labels, before, after, strict=True):
-            expect(new, old, f"{what}: {label} must be unchanged")
+        if after == before:
+            return
+        ids = list(run_ids)
+        diff = snapshot_diff(before, after, ids)
+        if not diff.strip():  # equal renderings of unequal values: show both in full
+            raise ContractViolation(f"{what}: storage must be unchanged", before, after)
+        raise ContractViolation(
+            f"{what}: storage must be unchanged, but it changed (- before, + after):",
+            before,
+            after,
+            detail=diff,
+        )

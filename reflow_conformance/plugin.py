@@ -12,7 +12,12 @@ With ``--reflow-adapter``, the suite is added to the session as items
 ``reflow[NAME]::area.case`` — from any directory, test files or not. Each item runs in
 pytest's three phases: setup builds and initializes a fresh adapter (a failure there is
 the kit's *error*), call runs the case (an assertion is the adapter's *failure*),
-teardown closes every handle.
+teardown closes every handle and runs the conformance factory's teardown.
+
+The session has one Hypothesis seed (``--reflow-seed=N``, else a random one), shown in
+the header and the summary and added to every failure of a Hypothesis-driven case, so
+``--reflow-seed=N`` replays it. ``--reflow-stress=N`` repeats race cases and multiplies
+Hypothesis example counts. ``--reflow-report=PATH`` writes JSON, or Markdown for ``.md``.
 
 The ``reflow_storage`` fixture hands other test suites a fresh initialized adapter per
 test, parametrised over every ``--reflow-adapter``. It is synchronous (pytest has no
@@ -48,9 +53,15 @@ _STATE = pytest.StashKey["_KitState"]()
 class _KitState:
     """What the plugin knows once options are parsed (only when an adapter is given)."""
 
-    def __init__(self, specs: list[AdapterSpec], options: dict[str, str]) -> None:
+    def __init__(
+        self, specs: list[AdapterSpec], options: dict[str, str], seed: int, stress: int
+    ) -> None:
         self.specs = specs
         self.options = options
+        self.seed = seed
+        """The session's Hypothesis seed: given by --reflow-seed, or drawn at random."""
+        self.seed_given = False
+        self.stress = stress
         self.outcomes: dict[str, CaseReport] = {}
         self.items: dict[str, ReflowCaseItem] = {}
 
@@ -76,7 +87,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--reflow-report",
         default=None,
         metavar="PATH",
-        help="write the conformance report(s) as JSON to PATH",
+        help="write the conformance report(s) to PATH: a Markdown summary for a .md path, "
+        "JSON otherwise",
+    )
+    group.addoption(
+        "--reflow-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Hypothesis seed for the Hypothesis-driven cases (values, model, ...); replays "
+        "an earlier session's. Default: a random seed, printed in the header and summary",
+    )
+    group.addoption(
+        "--reflow-stress",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run every race case N times (each on a fresh store) and multiply Hypothesis "
+        "example counts by N, for deeper runs (default 1; the run takes about N times longer "
+        "for those cases)",
     )
     group.addoption(
         "--reflow-select",
@@ -106,8 +135,16 @@ def pytest_configure(config: pytest.Config) -> None:
         if not sep or not key.strip():
             raise pytest.UsageError(f"--reflow-option expects KEY=VALUE, got {item!r}")
         options[key.strip()] = value
-    from reflow_conformance.runner import load_spec
+    stress: int = config.getoption("reflow_stress")
+    if stress < 1:
+        raise pytest.UsageError(f"--reflow-stress expects a count >= 1, got {stress}")
+    from reflow_conformance.runner import load_spec, new_seed
     from reflow_core.errors import ReflowError
+
+    given: int | None = config.getoption("reflow_seed")
+    # Under pytest-xdist a worker takes the controller's seed, so all share one.
+    worker_seed = getattr(config, "workerinput", {}).get("reflow_seed")
+    seed = given if given is not None else worker_seed if worker_seed is not None else new_seed()
 
     specs = []
     for name in dict.fromkeys(names):
@@ -115,7 +152,8 @@ def pytest_configure(config: pytest.Config) -> None:
             specs.append(load_spec(name))
         except ReflowError as exc:
             raise pytest.UsageError(f"--reflow-adapter={name}: {exc}") from None
-    state = _KitState(specs, options)
+    state = _KitState(specs, options, seed, stress)
+    state.seed_given = given is not None
     config.stash[_STATE] = state
     config.pluginmanager.register(_KitPlugin(state), "reflow-conformance-kit")
 
@@ -144,6 +182,12 @@ class ReflowCaseItem(pytest.Item):
         self.spec = spec
         self.session_: CaseSession | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.harness_errors: set[str] = set()
+        """Phases ("call", "teardown") that ended in a HarnessError: errors, not failures."""
+        self.failure_location = ""
+        """The case line that failed, for the report."""
+        self.failure_reason = ""
+        """The failure as the runner describes it, for the report."""
         self.add_marker(pytest.mark.reflow_conformance)
         self.add_marker(pytest.mark.reflow_area(case.area))
         self.add_marker(pytest.mark.reflow_adapter(spec.name))
@@ -158,7 +202,17 @@ class ReflowCaseItem(pytest.Item):
         self._tmp = tempfile.TemporaryDirectory(
             prefix="reflow-conformance-", ignore_cleanup_errors=True
         )
-        self.session_ = CaseSession(self.case, self.spec, state.options, Path(self._tmp.name))
+        stress = "" if state.stress == 1 else f" --reflow-stress={state.stress}"
+        self.session_ = CaseSession(
+            self.case,
+            self.spec,
+            state.options,
+            Path(self._tmp.name),
+            seed=state.seed,
+            stress=state.stress,
+            replay=f"replay with: pytest --reflow-adapter={self.spec.name} "
+            f"--reflow-select={self.case.id} --reflow-seed={state.seed}{stress}",
+        )
         from reflow_conformance.harness import HarnessError
 
         problem = None
@@ -171,29 +225,69 @@ class ReflowCaseItem(pytest.Item):
             pytest.fail(f"harness error (not a contract failure): {problem}", pytrace=False)
 
     def runtest(self) -> None:
+        from reflow_conformance.harness import HarnessError, case_location
+        from reflow_conformance.runner import describe_failure
+
         assert self.session_ is not None
-        self.session_.call()
+        try:
+            self.session_.call()
+        except HarnessError:
+            self.harness_errors.add("call")
+            raise
+        except Exception as exc:
+            self.failure_location = case_location(exc, self.case.function)
+            self.failure_reason = describe_failure(exc, self.case)
+            raise
 
     def teardown(self) -> None:
+        from reflow_conformance.harness import HarnessError
+
+        problem = None
         try:
             if self.session_ is not None:
                 self.session_.teardown()
+        except HarnessError as exc:
+            self.harness_errors.add("teardown")
+            problem = str(exc)
         finally:
             self.session_ = None
             if self._tmp is not None:
                 self._tmp.cleanup()
                 self._tmp = None
+        if problem is not None:
+            # The factory's teardown failed: the kit's error, not the adapter's failure.
+            pytest.fail(f"harness error (not a contract failure): {problem}", pytrace=False)
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> Any:
-        from reflow_conformance.harness import HarnessError
+        """The promise, the message, the case line that failed, then the exception's
+        notes: Hypothesis' falsifying example — for the state machine, the shortest
+        failing sequence of calls — and the seed that replays it."""
+        from reflow_conformance.harness import HarnessError, case_location
 
-        if isinstance(excinfo.value, HarnessError):
-            return f"harness error (not a contract failure): {excinfo.value}"
-        if isinstance(excinfo.value, AssertionError) and str(excinfo.value):
-            where = excinfo.traceback[-1] if excinfo.traceback else None
-            location = f"\n  at {where.path}:{where.lineno + 1}" if where else ""
-            return f"[{self.case.id}] {self.case.description}\n{excinfo.value}{location}"
-        return super().repr_failure(excinfo, style="short")
+        value = excinfo.value
+        if isinstance(value, HarnessError):
+            return f"harness error (not a contract failure): {value}"
+        header = f"[{self.case.id}] {self.case.description}"
+        where = case_location(value, self.case.function, source=True)
+        at = f"\n  at {where}" if where else ""
+        if isinstance(value, AssertionError):
+            notes = "".join(f"\n{note}" for note in getattr(value, "__notes__", None) or ())
+            return f"{header}\n{value or 'assertion failed'}{at}{notes}"
+        # An unexpected exception: pytest's own (short) traceback, with the kit's helper
+        # frames hidden (see _traceback_filter); it prints the notes too.
+        trace = super().repr_failure(excinfo, style="short")
+        return f"{header}\nunexpected {type(value).__name__}{at}\n{trace}"
+
+    def _traceback_filter(self, excinfo: pytest.ExceptionInfo[BaseException]) -> Any:
+        """Start the traceback at the case function; drop frames that set
+        ``__tracebackhide__`` (the kit's helpers, such as ``expect``)."""
+        traceback = excinfo.traceback
+        try:
+            path = Path(inspect.getfile(self.case.function))
+        except (OSError, TypeError):
+            return traceback.filter(excinfo)
+        cut = traceback.cut(path=path)
+        return cut.filter(excinfo) if len(cut) else traceback.filter(excinfo)
 
     def reportinfo(self) -> tuple[Path, int, str]:
         function = self.case.function
@@ -227,9 +321,37 @@ class _KitPlugin:
         for spec in self.state.specs:
             name = f"reflow[{spec.name}]"
             suite = ReflowSuite.from_parent(session, name=name, nodeid=name, spec=spec, cases=cases)
-            for item in suite.collect():
-                self.state.items[item.nodeid] = item
-                items.append(item)
+            # Through genitems, as pytest collects its own nodes: it reports the suite
+            # (pytest_collectreport) and each item (pytest_itemcollected), so "collected N
+            # items" and ``--collect-only`` count the cases.
+            for item in session.genitems(suite):
+                if isinstance(item, ReflowCaseItem):
+                    self.state.items[item.nodeid] = item
+                    items.append(item)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """pytest-xdist: every worker runs with the controller's seed."""
+        node.workerinput["reflow_seed"] = self.state.seed
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str]:
+        from reflow_core.storage import CONTRACT_VERSION
+
+        names = ", ".join(spec.name for spec in self.state.specs)
+        return [f"reflow conformance: {names}; contract {CONTRACT_VERSION}; " + self._seed_text()]
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if terminalreporter.config.getoption("collectonly"):
+            return
+        terminalreporter.write_line(f"reflow conformance: {self._seed_text()}")
+
+    def _seed_text(self) -> str:
+        state = self.state
+        how = "given" if state.seed_given else "random"
+        stress = f"; stress {state.stress}" if state.stress != 1 else ""
+        return (
+            f"Hypothesis seed {state.seed} ({how}; replay with --reflow-seed={state.seed}){stress}"
+        )
 
     @pytest.hookimpl(trylast=True)
     def pytest_collection_finish(self, session: pytest.Session) -> None:
@@ -259,25 +381,29 @@ class _KitPlugin:
             reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
             reason = reason.removeprefix("Skipped: ")
         elif report.failed and outcome is Outcome.PASSED:
-            outcome = Outcome.ERROR if report.when == "setup" else Outcome.FAILED
+            harness = report.when == "setup" or report.when in item.harness_errors
+            outcome = Outcome.ERROR if harness else Outcome.FAILED
             reason = str(report.longrepr)
+            if report.when == "call" and item.failure_reason and not harness:
+                reason = item.failure_reason  # the same text as the runner's report
+        location = item.failure_location if outcome is Outcome.FAILED else ""
         self.state.outcomes[report.nodeid] = CaseReport(
             id=item.case.id,
             area=item.case.area,
             outcome=outcome,
             reason=reason,
             duration_s=round(duration, 4),
+            location=location or (previous.location if previous else ""),
         )
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        """Write ``--reflow-report`` (one report per adapter)."""
+        """Write ``--reflow-report`` (one report per adapter): Markdown for ``.md``."""
         path = session.config.getoption("reflow_report")
         if not path:
             return
-        from reflow_conformance.report import to_json
+        from reflow_conformance.report import write_report
 
-        reports = [_report(self.state, spec) for spec in self.state.specs]
-        Path(path).write_bytes(to_json(reports))
+        write_report(path, [_report(self.state, spec) for spec in self.state.specs])
 
 
 def _report(state: _KitState, spec: AdapterSpec) -> Report:
@@ -295,6 +421,8 @@ def _report(state: _KitState, spec: AdapterSpec) -> Report:
         cases=cases,
         totals=Totals.of(cases),
         duration_s=round(sum(c.duration_s for c in cases), 3),
+        seed=state.seed,
+        stress=state.stress,
     )
 
 

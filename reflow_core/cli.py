@@ -263,9 +263,26 @@ def build_cli() -> click.Group:
     @click.argument("name")
     @click.option("--option", "options", multiple=True, metavar="KEY=VALUE")
     @click.option("--select", metavar="PATTERN", help="Run only the matching cases.")
-    @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), help="JSON out.")
+    @click.option(
+        "--report",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Write the report: Markdown for a .md path, JSON otherwise.",
+    )
+    @click.option("--seed", type=int, help="Replay Hypothesis cases with this seed.")
+    @click.option(
+        "--stress",
+        type=click.IntRange(min=1),
+        default=1,
+        show_default=True,
+        help="Repeat race cases (and multiply Hypothesis examples) this many times.",
+    )
     def conformance(
-        name: str, options: tuple[str, ...], select: str | None, report: Path | None
+        name: str,
+        options: tuple[str, ...],
+        select: str | None,
+        report: Path | None,
+        seed: int | None,
+        stress: int,
     ) -> None:
         """Run the storage conformance kit against adapter NAME."""
         parsed: dict[str, str] = {}
@@ -278,16 +295,16 @@ def build_cli() -> click.Group:
         # it, lazily, so the engine never depends on it (tests/unit/test_architecture.py).
         try:
             from reflow_conformance import run
-            from reflow_conformance.report import render_table, to_json
+            from reflow_conformance.report import render_table, write_report
         except ImportError as exc:
             raise click.ClickException(f"the conformance kit is not available: {exc}") from exc
         try:
-            result = run(name, parsed, select=select)
+            result = run(name, parsed, select=select, seed=seed, stress=stress)
         except (ReflowError, LookupError) as exc:  # LookupError: --select matched nothing
             raise click.ClickException(str(exc)) from exc
         click.echo(render_table(result))
         if report is not None:
-            report.write_bytes(to_json(result))
+            write_report(report, result)
         sys.exit(0 if result.ok else 1)
 
     @cli.group()

@@ -15,8 +15,9 @@ import enum
 import importlib.metadata
 import threading
 import warnings
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from typing import Any, TypeAlias, cast
 
 import msgspec
 import pluggy
@@ -34,6 +35,8 @@ __all__ = [
     "AdapterOption",
     "AdapterSpec",
     "Capability",
+    "ConformanceFactory",
+    "ConformanceStore",
     "adapter_specs",
     "get_adapter",
     "open_storage",
@@ -70,12 +73,27 @@ class Capability(enum.StrEnum):
 AdapterFactory = Callable[..., StorageAdapter]
 """Builds an adapter: ``factory(url=None, **options)``. Must do no I/O."""
 
-ConformanceFactory = Callable[..., StorageAdapter]
+ConformanceStore: TypeAlias = (
+    StorageAdapter
+    | Iterator[StorageAdapter]
+    | AsyncIterator[StorageAdapter]
+    | AbstractContextManager[StorageAdapter]
+    | AbstractAsyncContextManager[StorageAdapter]
+)
+"""What a conformance factory may return: the adapter itself, or — when the store needs
+cleaning up after the case (a server adapter's throw-away schema) — a generator or async
+generator that yields the adapter once (the code after ``yield`` is the teardown), or a
+context manager (sync or async) whose ``__enter__`` returns it. The kit runs the teardown
+after each case, once every handle is closed, even when the case failed."""
+
+ConformanceFactory = Callable[..., ConformanceStore]
 """Builds a fresh, empty adapter for one conformance case:
 ``factory(tmp_path, options, clock=clock)``, given a temporary directory, the
 ``--reflow-option`` values and the kit's clock. The adapter must use ``clock`` as the
 store's "now" (on a server adapter, as a test-only override of the server's time), so
-the kit can move time by hand. Must do no I/O (``initialize`` does)."""
+the kit can move time by hand. Must do no I/O (``initialize`` does). It returns the
+adapter, or a generator / context manager around it (:data:`ConformanceStore`) when the
+store needs a teardown."""
 
 
 class AdapterOption(msgspec.Struct, frozen=True, kw_only=True):

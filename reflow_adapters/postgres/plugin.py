@@ -10,7 +10,7 @@ from __future__ import annotations
 import atexit
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +48,15 @@ def create(url: str | None = None, **options: Any) -> StorageAdapter:
 
 def create_for_conformance(
     tmp_path: Path, options: Mapping[str, str], *, clock: Clock | None = None
-) -> StorageAdapter:
-    """A fresh, empty store in a schema of its own, dropped when the test process exits.
+) -> Iterator[StorageAdapter]:
+    """A fresh, empty store in a schema of its own, dropped after the case.
 
-    ``clock`` (the kit's) overrides the server's "now" in every statement, so the kit
-    can move time by hand. Not dropped on ``close()``: the kit's durability cases close
-    a store and reopen its URL, expecting the data to be there.
+    A generator factory: the kit runs the code after ``yield`` once the case has closed
+    every handle, so a server-backed run leaves no schema behind (the ``atexit`` drop
+    stays as a safety net for a killed run). ``clock`` (the kit's) overrides the server's
+    "now" in every statement, so the kit can move time by hand. Not dropped on
+    ``close()``: the kit's durability cases close a store and reopen its URL, expecting
+    the data to be there.
     """
     dsn = options.get("dsn") or os.environ.get(TEST_DSN_ENV)
     if not dsn:
@@ -65,29 +68,36 @@ def create_for_conformance(
     storage: StorageAdapter = _storage_class()(dsn, schema=schema, clock=clock)
     if not _test_schemas:
         atexit.register(_drop_test_schemas)
-    _test_schemas.append((storage.url or dsn, schema))
-    return storage
+    made = (storage.url or dsn, schema)
+    _test_schemas.append(made)
+    yield storage
+    _drop_schema(*made)
+    _test_schemas.remove(made)
 
 
 _test_schemas: list[tuple[str, str]] = []
 
 
-def _drop_test_schemas() -> None:
-    """Drop the conformance schemas this process made (best effort: the run is over)."""
+def _drop_schema(url: str, schema: str) -> None:
+    """Drop one conformance schema (best effort: a failure leaves it for the atexit pass)."""
     import psycopg
     from psycopg import sql
 
     from reflow_adapters.postgres.conninfo import split_dsn
 
-    for url, schema in _test_schemas:
-        try:
-            with psycopg.connect(split_dsn(url)[0], autocommit=True, connect_timeout=5) as conn:
-                drop = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
-                conn.execute(drop.format(sql.Identifier(schema)))
-        except psycopg.Error:
-            pass
-    _test_schemas.clear()
+    try:
+        with psycopg.connect(split_dsn(url)[0], autocommit=True, connect_timeout=5) as conn:
+            drop = sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+            conn.execute(drop.format(sql.Identifier(schema)))
+    except psycopg.Error:
+        pass
 
+
+def _drop_test_schemas() -> None:
+    """Drop the conformance schemas this process made and did not drop yet."""
+    for url, schema in list(_test_schemas):
+        _drop_schema(url, schema)
+    _test_schemas.clear()
 
 @hookimpl
 def reflow_adapters() -> list[AdapterSpec]:

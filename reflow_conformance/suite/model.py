@@ -4,10 +4,12 @@
 status updates and requeue, written as plain Python with no concurrency and no I/O: it
 doubles as executable documentation. The state machine applies random sequences of
 operations to the model and to a fresh adapter and compares every answer and, after
-each step, every run's readable state. On a failure Hypothesis prints the shortest
+each step, every run's readable state. On a failure Hypothesis reports the shortest
 sequence of calls it found (``state.tick(ms=1000)``, ``state.claim(names=['a'], ...)``
-...). Time is the kit clock: the ``tick`` rule moves it, and the model judges every
-lease expiry and wake-up by it, exactly as the store must.
+...) as notes on the exception, which the runner's report and the pytest plugin's
+failure text both print, followed by the seed that replays it. Time is the kit clock:
+the ``tick`` rule moves it, and the model judges every lease expiry and wake-up by it,
+exactly as the store must.
 """
 
 from __future__ import annotations
@@ -173,7 +175,9 @@ def _machine(h: Harness) -> type:
             self.storage = h.sync(h.fresh_storage())
 
         def teardown(self) -> None:
-            h.sync(self.storage.close())
+            # Closed and handed to the conformance factory's teardown now, not at the end
+            # of the case: a server adapter would otherwise keep one store per example.
+            h.sync(h.discard(self.storage))
 
         def when(self, wake: str | None) -> int | None:
             soon = h.now() + 500

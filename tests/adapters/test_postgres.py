@@ -33,7 +33,7 @@ from reflow_adapters.postgres import (
 )
 from reflow_core import codec
 from reflow_core.errors import ConfigError, SerializationError, StorageError
-from reflow_core.registry import Capability
+from reflow_core.registry import Capability, get_adapter
 from reflow_core.types import (
     ConsumeResult,
     LeaseHolder,
@@ -1391,12 +1391,39 @@ def test_plugin_spec_and_configuration_errors(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv(plugin.TEST_DSN_ENV, raising=False)
     assert spec.conformance_factory is not None
     with pytest.raises(ConfigError, match="--reflow-option dsn="):
-        spec.conformance_factory(Path("."), {}, clock=Clock())
+        next(spec.conformance_factory(Path("."), {}, clock=Clock()))
     clock = Clock()
-    made = spec.conformance_factory(Path("."), {"dsn": "postgresql://localhost/db"}, clock=clock)
+    factory = spec.conformance_factory(Path("."), {"dsn": "postgresql://localhost/db"}, clock=clock)
+    made = next(factory)  # a generator factory: the code after its yield drops the schema
     assert isinstance(made, PostgresStorage)
     assert made.schema.startswith("reflow_test_")
     assert made._now() == clock.now  # the kit's clock is the statements' "now"
     clock.now += 5
     assert made._now() == clock.now
     assert PostgresStorage("postgresql://localhost/db")._now() is None  # the server's
+
+
+def test_the_conformance_factory_drops_its_schema_after_the_case(pg_dsn: str) -> None:
+    spec = get_adapter("postgres")
+    assert spec.conformance_factory is not None
+    factory = spec.conformance_factory(Path("."), {"dsn": pg_dsn})
+    storage = next(factory)
+
+    async def use() -> None:
+        await storage.initialize()
+        await storage.close()
+
+    asyncio.run(use())
+
+    def exists() -> bool:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM information_schema.schemata WHERE schema_name = %s",
+                (storage.schema,),
+            ).fetchone()
+        return found is not None
+
+    assert exists()
+    with pytest.raises(StopIteration):
+        next(factory)  # the kit's teardown
+    assert not exists()

@@ -246,6 +246,22 @@ def test_conformance_prints_the_table_and_writes_the_report(tmp_path: Path) -> N
     assert "claim." in result.output
     assert "0 failed" in result.output
     assert json.loads(report.read_text())["adapter"] == "memory"
+    summary = tmp_path / "report.md"
+    again = invoke(
+        "conformance",
+        "memory",
+        "--select",
+        "claim",
+        "--report",
+        str(summary),
+        "--seed",
+        "7",
+        "--stress",
+        "2",
+    )
+    assert again.exit_code == 0, again.output
+    text = summary.read_text()
+    assert text.startswith("#") and "memory" in text and "7" in text
 
 
 def test_conformance_errors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -269,8 +285,8 @@ def test_conformance_failure_exits_1(monkeypatch: pytest.MonkeyPatch) -> None:
 
     real = reflow_conformance.run
 
-    def failing(name: str, options: Any, select: str | None = None) -> Report:
-        report = real(name, options, select=select)
+    def failing(name: str, options: Any, select: str | None = None, **kw: Any) -> Report:
+        report = real(name, options, select=select, **kw)
         totals = report.totals.__class__(**{**_fields(report.totals), "failed": 1})
         return Report(**{**_fields(report), "totals": totals})
 

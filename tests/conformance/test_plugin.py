@@ -61,6 +61,31 @@ def test_ids_carry_the_adapter_name(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["reflow[[]memory[]]::claim.oldest_first"])
 
 
+def test_collect_only_counts_the_cases_as_collected(pytester: pytest.Pytester) -> None:
+    """``pytest --co`` lists the cases and reports them collected (it used to end with
+    "no tests collected" and exit code 5)."""
+    total = len(select_cases())
+    result = pytester.runpytest("--reflow-adapter=memory", "--collect-only")
+    assert result.ret == pytest.ExitCode.OK
+    result.stdout.fnmatch_lines(
+        [
+            f"collected {total} items",
+            "<ReflowSuite reflow[[]memory[]]>",
+            "  <ReflowCaseItem claim.oldest_first>",
+            f"*= {total} tests collected in *",
+        ]
+    )
+    assert "no tests collected" not in result.stdout.str()
+    quiet = pytester.runpytest("--reflow-adapter=memory", "--co", "-q", "-k", "claim")
+    assert quiet.ret == pytest.ExitCode.OK
+    selected = sum(1 for case in select_cases() if "claim" in case.id)
+    quiet.stdout.fnmatch_lines(
+        [f"{selected}/{total} tests collected ({total - selected} deselected) in *"]
+    )
+    two = pytester.runpytest("--reflow-adapter=memory", "--reflow-adapter=sqlite", "--co")
+    two.stdout.fnmatch_lines([f"collected {2 * total} items"])
+
+
 def test_unknown_adapter_lists_installed(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("--reflow-adapter=nope")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
@@ -90,7 +115,9 @@ def test_report_is_written(pytester: pytest.Pytester) -> None:
     case = next(c for c in report["cases"] if c["id"] == "concurrency.claim_threads")
     assert case["outcome"] == "skipped"
     assert case["reason"] == "adapter 'memory' does not declare capability 'threads'"
-    assert set(case) == {"id", "area", "outcome", "reason", "duration_s"}
+    assert set(case) == {"id", "area", "outcome", "reason", "duration_s", "location"}
+    assert case["location"] == ""
+    assert isinstance(report["seed"], int) and report["stress"] == 1
 
 
 @pytest.mark.parametrize(

@@ -146,3 +146,14 @@ def test_selection_by_area_glob_and_id() -> None:
     assert {c.area for c in select_cases("schedules")} == {"schedules"}
     assert [c.id for c in select_cases("claim.oldest_first")] == ["claim.oldest_first"]
     assert all(c.id.startswith("leases.fencing_") for c in select_cases("leases.fencing_*"))
+
+
+def test_run_by_name_takes_seed_and_stress_and_reports_them() -> None:
+    report = reflow_conformance.run(
+        "memory", select="values.roundtrip_run_input,concurrency.claim_coroutines", seed=5, stress=2
+    )
+    assert report.ok, render_table(report)
+    assert (report.seed, report.stress) == (5, 2)
+    assert "seed 5; stress 2" in render_table(report)
+    decoded = msgspec.json.decode(to_json(report), type=Report)
+    assert (decoded.seed, decoded.stress) == (5, 2)
