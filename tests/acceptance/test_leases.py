@@ -172,10 +172,12 @@ def test_skewed_clocks_never_run_a_step_twice_at_once(setup: Setup) -> None:
     assert len(renewed) >= SKEWED_RUNS // 2, f"only {len(renewed)} runs lived past a heartbeat"
     beats = 0
     for worker in (ahead, behind):
+        # A completion whose first answer was lost (a transient StorageError under load)
+        # is retried and answered False: the run completed all the same (checked above).
         completed = {
             (m.group(1), m.group(2))
             for _, m in worker.matching(
-                r"^WRITE update_claimed_run_status (\S+) completed (\S+) -> True$"
+                r"^WRITE update_claimed_run_status (\S+) completed (\S+) -> (?:True|False)$"
             )
         }
         for _, refused in worker.matching(r"^HEARTBEAT (\S+) (\S+) -> False$"):

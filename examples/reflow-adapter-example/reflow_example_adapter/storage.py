@@ -285,7 +285,11 @@ class ExampleStorage:
             row = db.runs.get(run_id)
             if row is None or (expected is not None and row["status"] not in expected):
                 return False
-            self._set(row, status, self._clock())
+            now = self._clock()
+            self._set(row, status, now)
+            if row["status"] is RunStatus.RUNNING:
+                # Running with no holder: claimable at once, as if its lease had expired.
+                row["lease_expires_at"] = now
             return True
 
     async def update_claimed_run_status(
