@@ -55,7 +55,6 @@ SUITE_MODULES = (
     "identifiers",
     "lifecycle",
     "concurrency",
-    "rules",
     "model",
     "engine",
 )
