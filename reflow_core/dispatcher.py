@@ -86,6 +86,8 @@ class Dispatcher:
         self._others = 0
         self._others_done = asyncio.Event()
         self._others_done.set()
+        # Set when a suspect was handed back because others ran here (see _claim_batch).
+        self._suspect_yielded = False
 
     def stopping(self) -> bool:
         """True once :meth:`stop` was called."""
@@ -256,33 +258,68 @@ class Dispatcher:
                         *(self.claim() for _ in range(slots)), return_exceptions=True
                     )
                 )
-            started = 0
             error: BaseException | None = None
+            claims: list[tuple[ClaimedRun, float]] = []
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     self._slots.release()
                     error = error or outcome
-                    continue
-                claimed, sent = outcome
-                if claimed is None:
+                elif outcome[0] is None:
                     self._slots.release()
-                elif self.stopping() or self._second_suspect(claimed):
-                    self._slots.release()
-                    await self._release(claimed)
-                elif self.spawn(claimed, sent) is not None:
+                else:
+                    claims.append((outcome[0], outcome[1]))
+            keep, give_back = self._sort_claims(claims)
+            # Hand back before starting anything: a run started now could kill this
+            # process (a poison step) before a hand-back lands, and the run handed back
+            # would be counted as recovered from a dead worker.
+            for claimed, _ in give_back:
+                self._slots.release()
+                await self._release(claimed)
+            started = 0
+            for claimed, sent in keep:
+                if self.spawn(claimed, sent) is not None:
                     started += 1
             return started, error
         finally:
             self._claims_settled.set()
 
-    def _second_suspect(self, claimed: ClaimedRun) -> bool:
-        """A run taken over from a dead holder while this engine already holds one: hand
-        it back rather than hold it, or both die together if the first is poison."""
-        return (
-            claimed.run.recoveries > 0
-            and self._suspects > 0
-            and claimed.run.id not in self.active
-        )
+    def _is_suspect(self, claimed: ClaimedRun) -> bool:
+        """A run taken over from a dead holder (not our own run re-claimed after a stall)."""
+        return claimed.run.recoveries > 0 and claimed.run.id not in self.active
+
+    def _sort_claims(
+        self, claims: list[tuple[ClaimedRun, float]]
+    ) -> tuple[list[tuple[ClaimedRun, float]], list[tuple[ClaimedRun, float]]]:
+        """Split one round of claims into the runs to start and the runs to hand back.
+
+        A suspect (taken over from a dead holder) must run alone: whatever killed its
+        last process may kill this one, and everything beside it would die too and be
+        counted against its own cap. So a suspect is kept only when nothing else runs
+        here, and then alone (the fresh runs of the same round go back to pending, which
+        costs them nothing). When others run here, every suspect goes back (its count
+        is kept, so its next claimer quarantines it too) and this engine claims nothing
+        more until its runs have finished, so that it cannot bounce back here meanwhile.
+        """
+        if self.stopping():
+            return [], claims
+        suspects = [claim for claim in claims if self._is_suspect(claim[0])]
+        if not suspects:
+            return claims, []
+        if self._others > 0 or self._suspects > 0:
+            self._suspect_yielded = True
+            return [claim for claim in claims if not self._is_suspect(claim[0])], suspects
+        first = suspects[0]
+        return [first], [claim for claim in claims if claim is not first]
+
+    async def _after_yielded_suspect(self) -> None:
+        """After handing a suspect back, wait until this engine runs nothing (or stops)."""
+        self._suspect_yielded = False
+        while self._others > 0 and self._tasks and not self.stopping():
+            done = asyncio.ensure_future(self._others_done.wait())
+            try:
+                await asyncio.wait([done, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                done.cancel()
 
     async def _quarantine_done(self) -> None:
         """Wait until no suspect run waits or runs (or every task has ended)."""
@@ -311,6 +348,9 @@ class Dispatcher:
         failures = 0
         wanted = 1
         while not self.stopping():
+            if self._suspect_yielded:
+                await self._after_yielded_suspect()
+                continue
             await self._claims_open.wait()
             slots = await self._take_slots(wanted)
             if self.stopping() or not self._claims_open.is_set():
@@ -343,6 +383,8 @@ class Dispatcher:
         count = 0
         wanted = 1
         while True:
+            if self._suspect_yielded:
+                await self._after_yielded_suspect()
             if not self._claims_open.is_set():
                 await self._quarantine_done()
             slots = await self._take_slots(wanted)

@@ -173,7 +173,7 @@ class ReflowWorker:
             poison_app.LEDGER_ENV: str(ledger),
         }
         env.pop("REFLOW_STORAGE", None)
-        command = [sys.executable, "-m", "reflow_core.cli", "worker", "poison_app:workflows"]
+        command = [sys.executable, "-m", "reflow_cli", "worker", "poison_app:workflows"]
         command += ["--storage", url, "--processes", str(PROCESSES), *FLEET_ARGS]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -266,7 +266,8 @@ def test_poison_runs_fail_with_their_reasons_and_kill_only_the_os_exit_processes
         print(f"[{backend.name}] good runs taken over from dead workers: recoveries {recovered}")
         # A run taken over from a dead worker runs alone, so the poison run dies alone:
         # an innocent run caught in the first death is recovered once and completes.
-        assert all(count == 1 for count in recovered), recovered
+        twice = [run for run in runs.values() if run.workflow == "good" and run.recoveries > 1]
+        assert not twice, f"innocent runs recovered more than once: {twice}\n{log}"
         hardexit = runs[ids["hardexit"]]
         assert hardexit.recoveries == HARDEXIT_EXECUTIONS, hardexit
         # Claims also count hand-backs (a worker already holding a recovered run hands a
