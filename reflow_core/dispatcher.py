@@ -294,18 +294,19 @@ class Dispatcher:
 
         A suspect (taken over from a dead holder) must run alone: whatever killed its
         last process may kill this one, and everything beside it would die too and be
-        counted against its own cap. So a suspect is kept only when nothing else runs
-        here, and then alone (the fresh runs of the same round go back to pending, which
-        costs them nothing). When others run here, every suspect goes back (its count
-        is kept, so its next claimer quarantines it too) and this engine claims nothing
-        more until its runs have finished, so that it cannot bounce back here meanwhile.
+        counted against its own cap. So a suspect is kept only when it is the one run
+        this engine would execute, and then alone. Otherwise (others run here, or came
+        in the same round) every suspect goes back, its count kept so that its next
+        claimer quarantines it too, and this engine claims nothing more until its runs
+        have finished, so that a suspect cannot bounce back here meanwhile. Fresh runs
+        are never handed back: their claim counter keeps meaning "times executed".
         """
         if self.stopping():
             return [], claims
         suspects = [claim for claim in claims if self._is_suspect(claim[0])]
         if not suspects:
             return claims, []
-        if self._others > 0 or self._suspects > 0:
+        if self._others > 0 or self._suspects > 0 or len(suspects) < len(claims):
             self._suspect_yielded = True
             return [claim for claim in claims if not self._is_suspect(claim[0])], suspects
         first = suspects[0]

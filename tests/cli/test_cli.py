@@ -13,9 +13,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from reflow_core import Engine, LeaseHolder, StepContext, Workflow, open_storage
-from reflow_core.cli import MISSING_EXTRA, build_cli, main
-from reflow_core.worker import (
+from reflow_cli.app import MISSING_EXTRA, build_cli, main
+from reflow_cli.worker import (
     StartupError,
     WorkerConfig,
     build_engine,
@@ -23,6 +22,7 @@ from reflow_core.worker import (
     redact,
     start_engine,
 )
+from reflow_core import Engine, LeaseHolder, StepContext, Workflow, open_storage
 
 HERE = Path(__file__).parent
 
@@ -40,7 +40,16 @@ def invoke(*args: str) -> Result:
 def test_help_lists_every_command() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("demo", "worker", "conformance", "runs"):
+    for command in (
+        "demo",
+        "worker",
+        "conformance",
+        "runs",
+        "events",
+        "schedules",
+        "db",
+        "adapter",
+    ):
         assert command in result.output
 
 
@@ -163,7 +172,7 @@ def test_worker_option_errors_are_one_line() -> None:
 
 
 def test_worker_config_round_trips_through_child_argv() -> None:
-    from reflow_core.worker import main as child_main
+    from reflow_cli.worker import main as child_main
 
     config = WorkerConfig("m:a", storage="sqlite:///x.db", concurrency=4, lease=9.5, grace=3.0)
     assert config.argv() == [
@@ -227,10 +236,10 @@ def test_runs_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
     assert "no run with id 'nope'" in missing_run.output
     missing_file = invoke("runs", "list", "--storage", f"sqlite:///{tmp_path / 'typo.db'}")
     assert missing_file.exit_code == 1
-    assert "no database file" in missing_file.output
+    assert "does not exist" in missing_file.output and "reflow db migrate" in missing_file.output
     assert not (tmp_path / "typo.db").exists()  # inspecting never creates a database
     unknown = invoke("runs", "list", "--storage", "nosuch://x")
-    assert unknown.exit_code == 1
+    assert unknown.exit_code == 2  # configuration
     assert "installed adapters" in unknown.output
     bad_status = invoke("runs", "list", "--storage", url, "--status", "done")
     assert bad_status.exit_code == 2

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from reflow_cli.demo import STEPS, LedgerEntry, verify
 from reflow_core import RunFilter, RunStatus, StepResult, StepStatus, WorkflowRun, open_storage
-from reflow_core.demo import STEPS, LedgerEntry, verify
 
 
 @pytest.mark.slow
@@ -22,7 +22,7 @@ def test_demo_kills_a_worker_and_every_completed_step_ran_once(tmp_path: Path) -
     db = tmp_path / "demo.db"
     began = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "reflow_core.cli", "demo", "--db", str(db)],
+        [sys.executable, "-m", "reflow_cli", "demo", "--db", str(db)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -56,11 +56,14 @@ def test_demo_kills_a_worker_and_every_completed_step_ran_once(tmp_path: Path) -
 
     loaded = asyncio.run(runs())
     assert [run.status for run, _ in loaded] == [RunStatus.COMPLETED] * 3
-    resumed = [run for run, _ in loaded if run.attempt == 2]
-    assert resumed, "at least the killed order must have been claimed twice"
+    # recoveries, not attempt: a claim handed back unexecuted (a recovered run waits for
+    # a worker where it can run alone) counts as an attempt but runs nothing.
+    resumed = [run for run, _ in loaded if run.recoveries == 1]
+    assert resumed, "at least the killed order must have been taken over once"
     for run, steps in loaded:
         ran_on = {s.output["pid"] for s in steps}
-        assert len(ran_on) == (2 if run.attempt == 2 else 1)
+        assert len(ran_on) <= 1 + run.recoveries, run
+        assert run.recoveries <= 1, run
 
 
 # -- the verdict, without processes ------------------------------------------------------

@@ -69,7 +69,7 @@ class Worker:
         self._log = self.log_path.open("w")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "reflow_core.cli", "worker", *args],
+            [sys.executable, "-m", "reflow_cli", "worker", *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -208,7 +208,7 @@ def reflow_worker(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
     env.pop("REFLOW_STORAGE", None)
     return subprocess.run(
-        [sys.executable, "-m", "reflow_core.cli", "worker", *args],
+        [sys.executable, "-m", "reflow_cli", "worker", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -1,6 +1,8 @@
 """The layering the code promises: arrows point only into ``reflow_core``.
 
-reflow_core imports no adapter and not the kit; no adapter imports another adapter
+reflow_core imports no adapter, not the kit and not the application layer
+(``reflow_cli``: the command, the worker processes, the demo); no adapter imports another
+adapter
 (``sqlite_common`` is the SQLite dialect shared by the sqlite and apsw adapters, not an
 adapter). The public surface is curated: everything in ``__all__`` exists and is
 documented.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -32,13 +35,38 @@ def imported_modules(package: str) -> dict[Path, set[str]]:
     return found
 
 
-def test_core_imports_no_adapter_and_no_kit() -> None:
+CORE_MUST_NOT_IMPORT = ("reflow_adapters", "reflow_conformance", "reflow_cli")
+
+
+def plugin_packages() -> set[str]:
+    """Top-level packages of every installed ``reflow`` plugin (adapters, observers):
+    they import the core, never the other way round."""
+    found = {ep.value.split(":")[0].split(".")[0] for ep in entry_points(group="reflow")}
+    return found - {"reflow_core"}
+
+
+def test_core_imports_no_adapter_no_kit_and_no_cli() -> None:
+    forbidden = (*CORE_MUST_NOT_IMPORT, *sorted(plugin_packages()))
     for path, names in imported_modules("reflow_core").items():
-        forbidden: tuple[str, ...] = ("reflow_adapters", "reflow_conformance")
-        if path.name == "cli.py":
-            # `reflow conformance NAME` dispatches to the kit, importing it lazily.
-            forbidden = ("reflow_adapters",)
-        bad = {n for n in names if n.startswith(forbidden)}
+        bad = {n for n in names if any(n == f or n.startswith(f + ".") for f in forbidden)}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_the_application_layer_lives_outside_the_core() -> None:
+    for moved in ("cli.py", "worker.py", "demo.py"):
+        assert not (ROOT / "reflow_core" / moved).exists(), (
+            f"reflow_core/{moved} belongs in reflow_cli/"
+        )
+
+
+def test_cli_reaches_adapters_only_through_the_registry() -> None:
+    """The command opens stores by URL (``open_storage``), never by importing an adapter;
+    ``bridges.py`` is the one exception, until the bundled adapters implement
+    ``reflow_core.migrations.MigratableStorage`` themselves."""
+    for path, names in imported_modules("reflow_cli").items():
+        if path.name == "bridges.py":
+            continue
+        bad = {n for n in names if n.startswith("reflow_adapters")}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 

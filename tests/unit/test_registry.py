@@ -127,8 +127,8 @@ def test_unknown_name_or_scheme_lists_installed_adapters() -> None:
     with pytest.raises(AdapterNotFoundError, match="memory") as info:
         get_adapter("dynamodb")
     assert "sqlite" in str(info.value)
-    with pytest.raises(AdapterNotFoundError, match="'mysql'"):
-        open_storage("mysql://localhost/db")
+    with pytest.raises(AdapterNotFoundError, match="'cassandra'"):
+        open_storage("cassandra://localhost/db")
 
 
 def test_in_process_registration_and_conflicts() -> None:

@@ -3,7 +3,7 @@
 The demo is the README's first command, so it shows the real thing rather than a
 simulation. The parent process (this module's :func:`run_demo`) creates a SQLite file,
 enqueues three "order fulfilment" runs and starts worker process #1
-(``python -m reflow_core.demo worker``). When that worker reports that the first order
+(``python -m reflow_cli.demo worker``). When that worker reports that the first order
 has started charging the card, the parent SIGKILLs it: no cleanup, no lease release,
 exactly like a crashed machine. Worker process #2 then reclaims the runs whose leases
 went stale and finishes every run, resuming each at its first step without a
@@ -228,8 +228,8 @@ async def serve(db: Path, ledger: Path, concurrency: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m reflow_core.demo worker --db PATH --ledger PATH``: one demo worker."""
-    parser = argparse.ArgumentParser(prog="python -m reflow_core.demo")
+    """``python -m reflow_cli.demo worker --db PATH --ledger PATH``: one demo worker."""
+    parser = argparse.ArgumentParser(prog="python -m reflow_cli.demo")
     sub = parser.add_subparsers(dest="command", required=True)
     worker = sub.add_parser("worker", help="run one demo worker process")
     worker.add_argument("--db", type=Path, required=True)
@@ -272,7 +272,7 @@ class _WorkerProcess:
     def __init__(self, number: int, db: Path, ledger: Path, concurrency: int) -> None:
         self.number = number
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "reflow_core.demo", "worker", "--db", str(db),
+            [sys.executable, "-m", "reflow_cli.demo", "worker", "--db", str(db),
              "--ledger", str(ledger), "--concurrency", str(concurrency)],
             stdout=subprocess.PIPE,
             text=True,

@@ -2,7 +2,7 @@
 
 Everything here is plain functions and classes, usable without click (tests, bench)::
 
-    from reflow_core.worker import WorkerConfig, run
+    from reflow_cli.worker import WorkerConfig, run
 
     exit_code = run(WorkerConfig("myapp.flows:workflows", storage="sqlite:///app.db"), processes=2)
 
@@ -10,7 +10,7 @@ Everything here is plain functions and classes, usable without click (tests, ben
 :class:`~reflow_core.Workflow`, a list of workflows, or a zero-argument callable returning
 one of those. An engine cannot cross a process boundary, so every worker process imports
 the target itself; with ``processes > 1`` a supervisor starts ``python -m
-reflow_core.worker`` children, forwards SIGTERM/SIGINT to them, and restarts one that
+reflow_cli.worker`` children, forwards SIGTERM/SIGINT to them, and restarts one that
 crashes (with backoff).
 
 A worker that cannot start (a bad target or option, an unusable storage: anything that
@@ -50,6 +50,7 @@ from types import FrameType
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from reflow_cli.bridges import migratable
 from reflow_core.durations import to_seconds
 from reflow_core.engine import Engine
 from reflow_core.errors import (
@@ -63,7 +64,9 @@ from reflow_core.errors import (
 from reflow_core.events import RunCompleted, RunFailed, RunStarted, StepCompleted
 from reflow_core.hookspecs import hookimpl
 from reflow_core.lease import LeaseOptions
+from reflow_core.migrations import SchemaNotCurrentError
 from reflow_core.registry import plugin_manager
+from reflow_core.storage import StorageAdapter
 from reflow_core.workflow import Workflow
 
 __all__ = [
@@ -107,10 +110,15 @@ class WorkerConfig:
     poll: float | None = None
     grace: float = 30.0
     log_level: str = "INFO"
+    migrate: bool = True
+    """Apply pending schema migrations at start (``initialize()``); ``False`` refuses to
+    start on a store that is not current, saying to run ``reflow db migrate``."""
 
     def argv(self) -> list[str]:
-        """Arguments recreating this config in a child (``python -m reflow_core.worker``)."""
+        """Arguments recreating this config in a child (``python -m reflow_cli.worker``)."""
         args = [self.target, "--grace", repr(self.grace), "--log-level", self.log_level]
+        if not self.migrate:
+            args.append("--no-migrate")
         for flag, value in (
             ("--storage", self.storage),
             ("--concurrency", self.concurrency),
@@ -291,6 +299,8 @@ async def start_engine(config: WorkerConfig, *, run: bool = True) -> tuple[Engin
         raise StartupError(_storage_failure(exc, url, url or "")) from exc
     where = _describe_storage(engine, url)
     try:
+        if not config.migrate:
+            await _require_current_schema(engine.storage)
         if run:
             await engine.start()
         else:
@@ -303,6 +313,18 @@ async def start_engine(config: WorkerConfig, *, run: bool = True) -> tuple[Engin
     if not run:
         await _discard(engine)
     return engine, where
+
+
+async def _require_current_schema(storage: StorageAdapter) -> None:
+    """``--no-migrate``: :class:`SchemaNotCurrentError` unless the schema is current, so
+    the engine's ``initialize()`` that follows has nothing to apply."""
+    schema = migratable(storage)
+    if schema is None:
+        return
+    status = await schema.schema_status()
+    if not status.up_to_date:
+        # The log line shows the URL without its password, as every worker line does.
+        raise SchemaNotCurrentError(status, redact(storage.url) if storage.url else None)
 
 
 async def _discard(engine: Engine) -> None:
@@ -541,7 +563,7 @@ class Supervisor:
         self._exit_code = 0
 
     def _spawn(self, child: _Child) -> None:
-        cmd = [sys.executable, "-m", "reflow_core.worker", *self.config.argv()]
+        cmd = [sys.executable, "-m", "reflow_cli.worker", *self.config.argv()]
         cmd += ["--supervisor-pid", str(os.getpid())]
         child.proc = subprocess.Popen(cmd)
         child.started = time.monotonic()
@@ -684,8 +706,8 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of a supervised child: ``python -m reflow_core.worker TARGET ...``."""
-    parser = _ArgumentParser(prog="python -m reflow_core.worker")
+    """Entry point of a supervised child: ``python -m reflow_cli.worker TARGET ...``."""
+    parser = _ArgumentParser(prog="python -m reflow_cli.worker")
     parser.add_argument("target")
     parser.add_argument("--storage")
     parser.add_argument("--concurrency", type=int)
@@ -693,6 +715,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--poll", type=float)
     parser.add_argument("--grace", type=float, default=30.0)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--no-migrate", dest="migrate", action="store_false")
     parser.add_argument("--supervisor-pid", type=int)
     args = parser.parse_args(argv)
     config = WorkerConfig(
@@ -703,6 +726,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         poll=args.poll,
         grace=args.grace,
         log_level=args.log_level,
+        migrate=args.migrate,
     )
     configure_logging(config.log_level)
     try:
