@@ -46,12 +46,15 @@ from reflow_core.errors import (
     RunCancelledError,
     WorkflowNotFoundError,
 )
+from reflow_core.events import RunCancelled
 from reflow_core.execution import ActiveRun, RunExecution, Runtime
 from reflow_core.execution.wait import event_payload
 from reflow_core.identifiers import MAX_LENGTH, check_identifier, is_identifier
 from reflow_core.lease import LeaseOptions
+from reflow_core.migrations import open_without_migrating
 from reflow_core.observers import EventStream, Observers
 from reflow_core.registry import hook_functions, open_storage
+from reflow_core.retention import RetentionPolicy, retention_loop
 from reflow_core.scheduling import Scheduler, build_schedule
 from reflow_core.storage import Clock, StorageAdapter, WorkNotifier, system_clock
 from reflow_core.types import (
@@ -103,7 +106,13 @@ class Engine:
     receives errors that are no run's outcome. ``worker_id`` names this engine as the
     holder of the runs it claims (default: a random id). ``clock`` (milliseconds) is for
     tests: it stamps records and paces local waits; leases, wake-ups and due times are
-    always judged by the storage's clock.
+    always judged by the storage's clock. ``retention`` (``"30d"``, a ``timedelta``,
+    seconds, or a :class:`~reflow_core.retention.RetentionPolicy`) makes the started
+    engine delete finished runs older than that, with their steps and events,
+    periodically and in bounded batches; unfinished runs are never deleted. With
+    ``migrate=False`` the engine never changes the store's schema: a store that is not
+    at this version's schema raises :class:`~reflow_core.migrations.SchemaNotCurrentError`
+    naming the command to run (``reflow db migrate``).
     """
 
     def __init__(
@@ -119,6 +128,8 @@ class Engine:
         clock: Clock | None = None,
         use_plugins: bool = True,
         worker_id: str | None = None,
+        retention: Duration | RetentionPolicy | None = None,
+        migrate: bool = True,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"concurrency must be a positive int, got {concurrency!r}")
@@ -133,6 +144,8 @@ class Engine:
         if worker_id is not None:
             check_identifier(worker_id, "worker_id")
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
+        self.retention = RetentionPolicy.parse(retention)
+        self.migrate = migrate
         self.workflows: dict[str, Workflow[Any]] = {}
         for workflow in workflows:
             self.register(workflow)
@@ -177,7 +190,10 @@ class Engine:
             self._init_lock = asyncio.Lock()
         async with self._init_lock:
             if not self._initialized:
-                await self.storage.initialize()
+                if self.migrate:
+                    await self.storage.initialize()
+                else:
+                    await open_without_migrating(self.storage)
                 self._initialized = True
 
     def _get_dispatcher(self) -> Dispatcher:
@@ -228,6 +244,13 @@ class Engine:
         self._background.append(
             asyncio.create_task(self._get_scheduler().loop(), name="reflow-schedules")
         )
+        if self.retention is not None:
+            self._background.append(
+                asyncio.create_task(
+                    retention_loop(self.storage, self.retention, self.observers.error),
+                    name="reflow-retention",
+                )
+            )
         if isinstance(self.storage, WorkNotifier):
             self._background.append(
                 asyncio.create_task(
@@ -394,11 +417,21 @@ class Engine:
         changed = await self.storage.update_run_status(
             run_id, RunStatus.CANCELLED, expected=_ACTIVE_STATUSES
         )
-        if changed and self._dispatcher is not None:
-            active = self._dispatcher.active.get(run_id)
-            if active is not None:
-                active.abort(RunCancelledError(run_id))
-        return changed
+        if not changed:
+            return False
+        active = self._dispatcher.active.get(run_id) if self._dispatcher is not None else None
+        if active is not None:
+            # Its execution stops and says so itself (RunCancelled, executing=True).
+            active.abort(RunCancelledError(run_id))
+        elif self.observers.listening:
+            run = await self.storage.get_run(run_id)
+            if run is not None:
+                await self.observers.emit(
+                    RunCancelled(
+                        run_id=run_id, workflow=run.workflow, at=self.clock(), executing=False
+                    )
+                )
+        return True
 
     async def resume(self, run_id: str) -> bool:
         """Put a failed or cancelled run back to pending; it resumes at the step that

@@ -11,6 +11,10 @@ Every hook is prefixed ``reflow_``. Implement them with :data:`hookimpl`::
 Adapter plugins answer :func:`reflow_adapters`; observer plugins implement any of the
 lifecycle hooks, which every engine in the process fires. A lifecycle hook that raises
 never changes a run's outcome: the error is reported through ``reflow_error``.
+
+Each lifecycle hook receives one event of :mod:`reflow_core.events`, which carries its
+timestamps (``at``, ``monotonic``) and, where something ends, its ``duration``. Events are
+built only when some hook or stream listens, so an engine with no observer pays nothing.
 """
 
 from __future__ import annotations
@@ -21,10 +25,16 @@ import pluggy
 
 if TYPE_CHECKING:
     from reflow_core.events import (
+        LeaseLost,
+        RetryScheduled,
+        RunCancelled,
         RunCompleted,
         RunFailed,
+        RunInterrupted,
         RunStarted,
+        RunSuspended,
         StepCompleted,
+        StepFailed,
         StepSkipped,
         StepStarted,
     )
@@ -63,6 +73,16 @@ def reflow_step_skipped(event: StepSkipped) -> None:
 
 
 @hookspec
+def reflow_step_failed(event: StepFailed) -> None:
+    """A step failed for good and its error was checkpointed; the run fails next."""
+
+
+@hookspec
+def reflow_retry_scheduled(event: RetryScheduled) -> None:
+    """An attempt of a step failed and another was scheduled (the failure is stored)."""
+
+
+@hookspec
 def reflow_run_completed(event: RunCompleted) -> None:
     """A run completed and its output was stored."""
 
@@ -70,6 +90,26 @@ def reflow_run_completed(event: RunCompleted) -> None:
 @hookspec
 def reflow_run_failed(event: RunFailed) -> None:
     """A run failed and its error was stored."""
+
+
+@hookspec
+def reflow_run_suspended(event: RunSuspended) -> None:
+    """A run was suspended (sleep, wait for an event, durable retry); lease released."""
+
+
+@hookspec
+def reflow_run_cancelled(event: RunCancelled) -> None:
+    """A run was cancelled by this engine, or this engine stopped executing a cancelled run."""
+
+
+@hookspec
+def reflow_lease_lost(event: LeaseLost) -> None:
+    """This engine lost a run's lease and stopped executing it without writing."""
+
+
+@hookspec
+def reflow_run_interrupted(event: RunInterrupted) -> None:
+    """This engine stopped executing a run without an outcome (engine stop, storage error)."""
 
 
 @hookspec

@@ -36,10 +36,16 @@ from typing import Any
 from reflow_core.errors import ConfigError, HookError
 from reflow_core.events import (
     EngineEvent,
+    LeaseLost,
+    RetryScheduled,
+    RunCancelled,
     RunCompleted,
     RunFailed,
+    RunInterrupted,
     RunStarted,
+    RunSuspended,
     StepCompleted,
+    StepFailed,
     StepSkipped,
     StepStarted,
 )
@@ -54,8 +60,14 @@ _HOOK_NAMES: dict[type[Any], str] = {
     StepStarted: "reflow_step_started",
     StepCompleted: "reflow_step_completed",
     StepSkipped: "reflow_step_skipped",
+    StepFailed: "reflow_step_failed",
+    RetryScheduled: "reflow_retry_scheduled",
     RunCompleted: "reflow_run_completed",
     RunFailed: "reflow_run_failed",
+    RunSuspended: "reflow_run_suspended",
+    RunCancelled: "reflow_run_cancelled",
+    LeaseLost: "reflow_lease_lost",
+    RunInterrupted: "reflow_run_interrupted",
 }
 
 

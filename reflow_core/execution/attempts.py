@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from reflow_core.context import CancelSignal, EarlyCompletion, StepContext
 from reflow_core.errors import ControlFlow, StepInterruptedError, StepTimeoutError
+from reflow_core.events import RetryScheduled
 from reflow_core.execution.run import describe_error
-from reflow_core.types import StepStatus
+from reflow_core.types import ErrorInfo, StepStatus
 from reflow_core.workflow import StepUnit
 
 if TYPE_CHECKING:
@@ -165,12 +167,44 @@ async def run_attempts(
                 await ex.save(
                     unit.name, StepStatus.RUNNING, error=info, attempts=attempt, wake_at=retry_at
                 )
+                await _retry_scheduled(ex, unit, attempt, info, decision.delay, retry_at)
                 return AttemptResult(attempts=attempt, retry_at=retry_at, now=now)
             await ex.save(unit.name, StepStatus.RUNNING, error=info, attempts=attempt)
+            await _retry_scheduled(ex, unit, attempt, info, decision.delay, None)
             if decision.delay > 0:
                 await asyncio.sleep(decision.delay)
         else:
             return AttemptResult(attempts=attempt, value=value)
+
+
+async def _retry_scheduled(
+    ex: RunExecution,
+    unit: StepUnit,
+    attempt: int,
+    info: ErrorInfo,
+    delay: float,
+    retry_at: int | None,
+) -> None:
+    """Tell the log and the observers that a failed attempt (stored) will be retried."""
+    ex.log_step(
+        logging.INFO,
+        "run %s (%s): step %s attempt %d failed (%s: %s); retrying in %.3gs",
+        unit.name,
+        attempt,
+        attempt,
+        info.type,
+        info.message,
+        delay,
+    )
+    if ex.listening:
+        await ex.emit(
+            RetryScheduled,
+            step=unit.name,
+            attempt=attempt,
+            error=info,
+            delay=delay,
+            retry_at=retry_at,
+        )
 
 
 def _interrupted(unit: StepUnit, error: BaseException) -> StepInterruptedError:

@@ -20,6 +20,7 @@ group started, on first execution and on replay alike.
 from __future__ import annotations
 
 import asyncio
+import time
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from reflow_core.errors import ConfigError, ControlFlow, SerializationError
 from reflow_core.events import StepCompleted, StepStarted
 from reflow_core.execution.attempts import run_attempts
 from reflow_core.execution.run import Outcome, RunExecution, describe_error, executor
+from reflow_core.execution.step import step_failed
 from reflow_core.types import ErrorInfo, StepResult, StepStatus
 from reflow_core.workflow import ParallelUnit, StepUnit
 
@@ -50,6 +52,12 @@ class _Group:
     """The causing branch's error (the first failure)."""
     abort: BaseException | None = None
     """A control-flow stop or an unexpected error raised inside a branch."""
+    started: float | None = None
+    """When the branches started (monotonic), if observers were listening then."""
+
+    def duration(self) -> float | None:
+        """Seconds since the branches started (``None`` if that was not recorded)."""
+        return None if self.started is None else time.monotonic() - self.started
 
     def cancel_siblings(self, cause: str, reason: ControlFlow) -> None:
         """Stop every other unfinished branch; they write nothing."""
@@ -76,6 +84,7 @@ async def _fail(
             ControlFlow(f"branch {unit.name!r} of parallel group {group.unit.name!r} failed"),
         )
     await ex.save(unit.name, StepStatus.FAILED, error=info, attempts=n)
+    await step_failed(ex, unit.name, info, n, group.started)
 
 
 async def _execute_branch(ex: RunExecution, group: _Group, unit: StepUnit) -> _Output | None:
@@ -99,16 +108,13 @@ async def _execute_branch(ex: RunExecution, group: _Group, unit: StepUnit) -> _O
         await _fail(ex, group, unit, error, result.attempts)
         return None
     await ex.save(unit.name, StepStatus.COMPLETED, output=plain, attempts=result.attempts)
-    observers = ex.runtime.observers
-    if observers.listening:
-        await observers.emit(
-            StepCompleted(
-                run_id=ex.run.id,
-                workflow=ex.run.workflow,
-                step=unit.name,
-                output=codec.decode(encoded),
-                attempts=result.attempts,
-            )
+    if ex.listening:
+        await ex.emit(
+            StepCompleted,
+            step=unit.name,
+            output=codec.decode(encoded),
+            attempts=result.attempts,
+            duration=group.duration(),
         )
     return plain, encoded
 
@@ -203,12 +209,12 @@ async def run_parallel(ex: RunExecution, unit: ParallelUnit) -> Outcome:
         return Outcome.FAIL
     group = _Group(unit)
     if todo:
-        observers = ex.runtime.observers
-        if observers.listening:
+        if ex.listening:
+            group.started = time.monotonic()
             for branch in todo:
-                await observers.emit(
-                    StepStarted(run_id=ex.run.id, workflow=ex.run.workflow, step=branch.name)
-                )
+                row = ex.rows.get(branch.name)
+                first = row.attempts + 1 if row is not None else 1
+                await ex.emit(StepStarted, step=branch.name, attempt=first)
         outputs.update(await _run_branches(ex, group, todo))
     if failed or group.failure is not None:
         # A failure recorded by an earlier claim happened before any of this claim's.

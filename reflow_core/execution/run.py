@@ -14,6 +14,7 @@ import asyncio
 import enum
 import inspect
 import logging
+import time
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,7 +32,15 @@ from reflow_core.errors import (
     RunCancelledError,
     StorageError,
 )
-from reflow_core.events import RunCompleted, RunFailed, RunStarted
+from reflow_core.events import (
+    EngineEvent,
+    LeaseLost,
+    RunCancelled,
+    RunCompleted,
+    RunFailed,
+    RunInterrupted,
+    RunStarted,
+)
 from reflow_core.execution.active import FENCED, ActiveRun, Runtime
 from reflow_core.types import (
     ClaimedRun,
@@ -49,9 +58,15 @@ _RETRY_FIRST_S = 0.05
 _RETRY_MAX_S = 2.0
 
 log = logging.getLogger("reflow.runs")
-"""One record per run outcome this engine saw, with ``run_id``, ``workflow`` and
-``step`` as ``extra`` fields: failures and lost leases at WARNING, cancellations and
-releases at INFO, completions at DEBUG. Embedded engines log the same as workers."""
+"""One record per run outcome this engine saw, with ``run_id``, ``workflow``, ``step``
+and ``attempt`` (the run's claim count) as ``extra`` fields: failures and lost leases at
+WARNING, cancellations and releases at INFO, claims, suspensions and completions at
+DEBUG. Embedded engines log the same as workers."""
+
+step_log = logging.getLogger("reflow.steps")
+"""One record per step failure and scheduled retry (INFO: the run's failure is logged
+on ``reflow.runs`` at WARNING), with ``run_id``,
+``workflow``, ``step`` and ``attempt`` (the step's attempt) as ``extra`` fields."""
 
 
 def step_id(run_id: str, name: str) -> str:
@@ -135,6 +150,34 @@ class RunExecution:
         self._encoded: dict[str, bytes] = {}
         self._types: dict[str, Any] = {}
         self.prev_name: str | None = None
+        self.current: str | None = None
+        """The unit executing now (what a stop or a lost lease interrupted)."""
+        self.started = time.monotonic()
+        """When this claim's execution began (monotonic seconds)."""
+        self.ended = False
+        """Whether the event ending this claim was sent (see :meth:`ended_with`)."""
+
+    @property
+    def listening(self) -> bool:
+        """Whether any hook or stream takes events: build none otherwise."""
+        return self.runtime.observers.listening
+
+    async def emit(self, kind: type[EngineEvent], **fields: Any) -> None:
+        """Send an event of ``kind`` about this run, stamped now (call when listening)."""
+        event: Any = kind(
+            run_id=self.run.id, workflow=self.run.workflow, at=self.runtime.clock(), **fields
+        )
+        await self.runtime.observers.emit(event)
+
+    async def ended_with(self, kind: type[EngineEvent], **fields: Any) -> None:
+        """Send the event that ends this claim (once), with its attempt and duration."""
+        self.ended = True
+        if self.listening:
+            await self.emit(kind, attempt=self.run.attempt, duration=self.elapsed(), **fields)
+
+    def elapsed(self) -> float:
+        """Seconds since this claim's execution began."""
+        return time.monotonic() - self.started
 
     @property
     def lease_id(self) -> str:
@@ -316,15 +359,22 @@ class RunExecution:
             await self._stopped(reason)
         except ControlFlow as reason:
             await self._stopped(reason)
+        except Exception as exc:
+            # Storage failed mid-run: the dispatcher reports it; the lease lapses and
+            # another worker resumes. Observers still learn that this claim ended.
+            if not self.ended:
+                await self.ended_with(
+                    RunInterrupted, reason="error", error=describe_error(exc), step=self.current
+                )
+            raise
         finally:
             self.runtime.run_finished(self.run.id)
 
     async def _execute(self) -> None:
-        observers = self.runtime.observers
-        if observers.listening:
-            await observers.emit(
-                RunStarted(run_id=self.run.id, workflow=self.run.workflow, attempt=self.run.attempt)
-            )
+        if log.isEnabledFor(logging.DEBUG):
+            self._log(logging.DEBUG, "run %s (%s): claimed (claim %d)", self.run.attempt)
+        if self.listening:
+            await self._announce()
         if self.run.attempt > 1:  # a first claim cannot have checkpoints: skip the read
             self.rows = {row.name: row for row in await self.storage.get_step_results(self.run.id)}
         if self.run.recoveries > self.workflow.max_recoveries:
@@ -340,6 +390,7 @@ class RunExecution:
             await self.fail(describe_error(exc))
             return
         for unit in self.workflow.units:
+            self.current = unit.name
             outcome = await _EXECUTORS[type(unit)](self, unit)
             if outcome is Outcome.ADVANCE:
                 self.prev_name = unit.name
@@ -353,6 +404,19 @@ class RunExecution:
                 await self.fail(self.failure)
                 return
         await self.complete(self.plain_output(self.prev_name))
+
+    async def _announce(self) -> None:
+        run = self.run
+        latency = None
+        if run.attempt == 1 and run.claimed_at is not None:
+            latency = max(0, run.claimed_at - run.created_at) / 1000
+        await self.emit(
+            RunStarted,
+            attempt=run.attempt,
+            recoveries=run.recoveries,
+            claimed_at=run.claimed_at,
+            claim_latency=latency,
+        )
 
     def _damage(self) -> ErrorInfo | None:
         """The failure of a run whose input or a stored step output cannot be decoded."""
@@ -383,12 +447,9 @@ class RunExecution:
         )
         if not stored:
             raise LeaseExpiredError(self.run.id)
-        self._log(logging.DEBUG, "run %s (%s) completed")
-        observers = self.runtime.observers
-        if observers.listening:
-            await observers.emit(
-                RunCompleted(run_id=self.run.id, workflow=self.run.workflow, output=output)
-            )
+        if log.isEnabledFor(logging.DEBUG):
+            self._log(logging.DEBUG, "run %s (%s) completed")
+        await self.ended_with(RunCompleted, output=output)
 
     async def fail(self, error: ErrorInfo) -> None:
         """Run the on-failure handler (lease still held), then mark the run failed."""
@@ -426,11 +487,7 @@ class RunExecution:
             error.message,
             step=error.step,
         )
-        observers = self.runtime.observers
-        if observers.listening:
-            await observers.emit(
-                RunFailed(run_id=self.run.id, workflow=self.run.workflow, error=error)
-            )
+        await self.ended_with(RunFailed, error=error)
 
     async def _stopped(self, reason: ControlFlow) -> None:
         """A control-flow stop: write nothing, except releasing the lease on engine stop.
@@ -447,6 +504,7 @@ class RunExecution:
                     "run %s (%s): its lease fence passed while the engine stopped; not "
                     "released, another worker takes it over when the lease expires",
                 )
+                await self.ended_with(LeaseLost, reason=FENCED, step=self.current)
                 return
             try:
                 await self.storage.update_claimed_run_status(
@@ -454,21 +512,34 @@ class RunExecution:
                 )
             except Exception as exc:
                 await self.runtime.observers.error(exc)
+                await self.ended_with(
+                    RunInterrupted, reason="error", error=describe_error(exc), step=self.current
+                )
                 return
             self._log(logging.INFO, "run %s (%s): engine stopping; released for another worker")
+            await self.ended_with(RunInterrupted, reason="engine_stopped", step=self.current)
         elif isinstance(reason, LeaseExpiredError):
             # Nothing to write: the run is not ours to write any more. Say what really
             # happened, or an operator cannot tell why this worker dropped it.
             if await self._was_cancelled():
-                self._log(logging.INFO, "run %s (%s) was cancelled; stopped executing it")
+                await self._cancelled()
             else:
                 log.warning(
                     "%s; stopped executing it without writing",
                     reason,
-                    extra={"run_id": self.run.id, "workflow": self.run.workflow, "step": None},
+                    extra=self._extra(self.current),
                 )
+                await self.ended_with(LeaseLost, reason=str(reason), step=self.current)
         elif isinstance(reason, RunCancelledError):
-            self._log(logging.INFO, "run %s (%s) was cancelled; stopped executing it")
+            await self._cancelled()
+        else:
+            await self.ended_with(
+                RunInterrupted, reason="error", error=describe_error(reason), step=self.current
+            )
+
+    async def _cancelled(self) -> None:
+        self._log(logging.INFO, "run %s (%s) was cancelled; stopped executing it")
+        await self.ended_with(RunCancelled, executing=True, step=self.current)
 
     async def _status_is(self, status: RunStatus) -> bool:
         run = await self.storage.get_run(self.run.id)
@@ -483,12 +554,20 @@ class RunExecution:
             return False
         return run is not None and run.status is RunStatus.CANCELLED
 
+    def _extra(self, step: str | None) -> dict[str, Any]:
+        """The ``extra`` fields of this run's log records."""
+        return {
+            "run_id": self.run.id,
+            "workflow": self.run.workflow,
+            "step": step,
+            "attempt": self.run.attempt,
+        }
+
+    def log_step(self, level: int, message: str, step: str, attempt: int, *args: object) -> None:
+        """Log ``message`` (``%s`` for run id, workflow and step first) on ``reflow.steps``."""
+        if step_log.isEnabledFor(level):
+            extra = {**self._extra(step), "attempt": attempt}
+            step_log.log(level, message, self.run.id, self.run.workflow, step, *args, extra=extra)
+
     def _log(self, level: int, message: str, *args: object, step: str | None = None) -> None:
-        log.log(
-            level,
-            message,
-            self.run.id,
-            self.run.workflow,
-            *args,
-            extra={"run_id": self.run.id, "workflow": self.run.workflow, "step": step},
-        )
+        log.log(level, message, self.run.id, self.run.workflow, *args, extra=self._extra(step))

@@ -9,7 +9,7 @@ output: ``prev`` passes through it unchanged and it is absent from ``ctx.steps``
 from __future__ import annotations
 
 from reflow_core.errors import LeaseExpiredError
-from reflow_core.events import StepCompleted, StepStarted
+from reflow_core.events import RunSuspended, StepCompleted, StepStarted, SuspendReason
 from reflow_core.execution.run import Outcome, RunExecution, executor
 from reflow_core.types import StepStatus
 from reflow_core.workflow import SleepUnit
@@ -24,7 +24,9 @@ def _wake_time(unit: SleepUnit, now: int) -> int:
     return now + unit.duration_ms
 
 
-async def suspend_until(ex: RunExecution, wake_at: int, now: int) -> Outcome:
+async def suspend_until(
+    ex: RunExecution, wake_at: int, now: int, *, reason: SuspendReason, step: str
+) -> Outcome:
     """Put the held run to sleep until ``wake_at`` (the store's clock, which read ``now``
     a moment ago) and arrange for this engine to wake then."""
     ex.guard()
@@ -32,6 +34,7 @@ async def suspend_until(ex: RunExecution, wake_at: int, now: int) -> Outcome:
         raise LeaseExpiredError(ex.run.id, "the store refused to put it to sleep")
     # Without this the run would be noticed at the next poll, up to poll_interval late.
     ex.runtime.note_wake(wake_at - now)
+    await ex.ended_with(RunSuspended, reason=reason, step=step, wake_at=wake_at)
     return Outcome.SUSPEND
 
 
@@ -41,8 +44,6 @@ async def run_sleep(ex: RunExecution, unit: SleepUnit) -> Outcome:
     row = ex.rows.get(unit.name)
     if row is not None and row.status is StepStatus.COMPLETED:
         return Outcome.PASS
-    observers = ex.runtime.observers
-    run = ex.run
     # The store's clock, not ours: it is the one that will decide when the run is due.
     now = await ex.storage.now()
     stored = row.wake_at if row is not None and row.status is StepStatus.SLEEPING else None
@@ -51,18 +52,17 @@ async def run_sleep(ex: RunExecution, unit: SleepUnit) -> Outcome:
         wake_at = stored
     else:
         wake_at = _wake_time(unit, now)
-        if observers.listening:
-            await observers.emit(StepStarted(run_id=run.id, workflow=run.workflow, step=unit.name))
+        if ex.listening:
+            await ex.emit(StepStarted, step=unit.name)
     if wake_at <= now:
+        slept = max(0, ex.runtime.clock() - row.created_at) if resuming and row else 0
         await ex.save(unit.name, StepStatus.COMPLETED)
-        if observers.listening:
-            await observers.emit(
-                StepCompleted(
-                    run_id=run.id, workflow=run.workflow, step=unit.name, output=None, attempts=0
-                )
+        if ex.listening:
+            await ex.emit(
+                StepCompleted, step=unit.name, output=None, attempts=0, duration=slept / 1000
             )
         return Outcome.PASS
     if not resuming:
         # The row first: if we crash before sleep_run, the next claim finds the wake time.
         await ex.save(unit.name, StepStatus.SLEEPING, wake_at=wake_at)
-    return await suspend_until(ex, wake_at, now)
+    return await suspend_until(ex, wake_at, now, reason="sleep", step=unit.name)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import time
 
 from reflow_core import codec
 from reflow_core.context import CancelSignal, EarlyCompletion
@@ -13,14 +15,14 @@ from reflow_core.errors import (
     SerializationError,
     StepInterruptedError,
 )
-from reflow_core.events import StepCompleted, StepSkipped, StepStarted
+from reflow_core.events import StepCompleted, StepFailed, StepSkipped, StepStarted
 from reflow_core.execution.attempts import engine_cancelled, run_attempts
 from reflow_core.execution.run import Outcome, RunExecution, describe_error, executor
 from reflow_core.execution.sleep import suspend_until
-from reflow_core.types import StepStatus
+from reflow_core.types import ErrorInfo, StepStatus
 from reflow_core.workflow import StepUnit
 
-__all__ = ["run_step", "run_step_unit"]
+__all__ = ["run_step", "run_step_unit", "step_failed"]
 
 
 def replay(ex: RunExecution, unit: StepUnit) -> Outcome | None:
@@ -64,10 +66,26 @@ async def _decide(ex: RunExecution, unit: StepUnit) -> bool:
         raise StepInterruptedError(unit.name, fatal) from fatal
 
 
+async def step_failed(
+    ex: RunExecution, step: str, info: ErrorInfo, attempts: int, started: float | None
+) -> None:
+    """Tell the log and the observers that ``step`` failed for good (already stored)."""
+    ex.log_step(
+        logging.INFO,
+        "run %s (%s): step %s failed after %d attempt(s): %s: %s",
+        step,
+        attempts,
+        attempts,
+        info.type,
+        info.message,
+    )
+    if ex.listening:
+        duration = None if started is None else time.monotonic() - started
+        await ex.emit(StepFailed, step=step, error=info, attempts=attempts, duration=duration)
+
+
 async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = True) -> Outcome:
     """Execute ``unit`` (no checkpoint yet) and checkpoint its result."""
-    observers = ex.runtime.observers
-    run = ex.run
     # Any row of this step (an attempt in progress, a retry scheduled) means the predicate
     # already said "run": it is asked once per run, never again after a reclaim.
     if unit.when is not None and unit.name not in ex.rows:
@@ -77,13 +95,12 @@ async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = Tr
             raise
         except Exception as exc:
             ex.failure = describe_error(exc, unit.name)
+            await step_failed(ex, unit.name, ex.failure, 0, None)
             return Outcome.FAIL
         if not runs:
             await ex.save(unit.name, StepStatus.SKIPPED)
-            if observers.listening:
-                await observers.emit(
-                    StepSkipped(run_id=run.id, workflow=run.workflow, step=unit.name)
-                )
+            if ex.listening:
+                await ex.emit(StepSkipped, step=unit.name)
             return Outcome.PASS
         # Stored both ways, before the step runs.
         await ex.save(unit.name, StepStatus.RUNNING)
@@ -91,12 +108,16 @@ async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = Tr
     if row is not None and row.status is StepStatus.RUNNING and row.wake_at is not None:
         now = await ex.storage.now()
         if row.wake_at > now:  # claimed before its next attempt is due: sleep on
-            return await suspend_until(ex, row.wake_at, now)
-    if announce and observers.listening:
-        await observers.emit(StepStarted(run_id=run.id, workflow=run.workflow, step=unit.name))
+            return await suspend_until(ex, row.wake_at, now, reason="retry", step=unit.name)
+    started: float | None = None
+    if ex.listening:
+        started = time.monotonic()
+        if announce:
+            first = row.attempts + 1 if row is not None and row.status is StepStatus.RUNNING else 1
+            await ex.emit(StepStarted, step=unit.name, attempt=first)
     result = await run_attempts(ex, unit)
     if result.retry_at is not None:
-        return await suspend_until(ex, result.retry_at, result.now)
+        return await suspend_until(ex, result.retry_at, result.now, reason="retry", step=unit.name)
     if result.error is None:
         try:
             plain = codec.to_plain(result.value, unit.output_type)
@@ -109,19 +130,18 @@ async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = Tr
         info = describe_error(result.error, unit.name)
         await ex.save(unit.name, StepStatus.FAILED, error=info, attempts=result.attempts)
         ex.failure = info
+        await step_failed(ex, unit.name, info, result.attempts, started)
         return Outcome.FAIL
     status = StepStatus.COMPLETED_EARLY if result.early else StepStatus.COMPLETED
     await ex.save(unit.name, status, output=plain, attempts=result.attempts)
     ex.record(unit.name, plain, unit.output_type, encoded)
-    if observers.listening:
-        await observers.emit(
-            StepCompleted(
-                run_id=run.id,
-                workflow=run.workflow,
-                step=unit.name,
-                output=codec.decode(encoded),
-                attempts=result.attempts,
-            )
+    if ex.listening:
+        await ex.emit(
+            StepCompleted,
+            step=unit.name,
+            output=codec.decode(encoded),
+            attempts=result.attempts,
+            duration=None if started is None else time.monotonic() - started,
         )
     return Outcome.COMPLETE if result.early else Outcome.ADVANCE
 

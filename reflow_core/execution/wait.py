@@ -27,8 +27,9 @@ from reflow_core.errors import (
     ValidationError,
     WaitTimeoutError,
 )
-from reflow_core.events import StepCompleted, StepStarted
+from reflow_core.events import RunSuspended, StepCompleted, StepStarted
 from reflow_core.execution.run import Outcome, RunExecution, describe_error, executor
+from reflow_core.execution.step import step_failed
 from reflow_core.types import DamagedValue, StepStatus
 from reflow_core.workflow import NO_DEFAULT, WaitUnit, Workflow
 
@@ -84,6 +85,7 @@ async def _consume(ex: RunExecution, unit: WaitUnit) -> Outcome | None:
     if isinstance(plain, DamagedValue):
         what = f"the payload of event {unit.name!r}"
         ex.failure = describe_error(DamagedValueError(ex.run.id, what, plain.error), unit.name)
+        await step_failed(ex, unit.name, ex.failure, 0, None)
         return Outcome.FAIL
     return await _completed(ex, unit, plain)
 
@@ -91,16 +93,15 @@ async def _consume(ex: RunExecution, unit: WaitUnit) -> Outcome | None:
 async def _completed(ex: RunExecution, unit: WaitUnit, plain: Any) -> Outcome:
     """The wait's output is checkpointed: make it ``prev`` and tell the observers."""
     ex.record(unit.name, plain, unit.payload_type)
-    observers = ex.runtime.observers
-    if observers.listening:
-        await observers.emit(
-            StepCompleted(
-                run_id=ex.run.id,
-                workflow=ex.run.workflow,
-                step=unit.name,
-                output=ex.plain_output(unit.name),
-                attempts=0,
-            )
+    if ex.listening:
+        row = ex.rows.get(unit.name)  # created when the wait was first reached
+        waited = None if row is None else max(0, ex.runtime.clock() - row.created_at) / 1000
+        await ex.emit(
+            StepCompleted,
+            step=unit.name,
+            output=ex.plain_output(unit.name),
+            attempts=0,
+            duration=waited,
         )
     return Outcome.ADVANCE
 
@@ -112,12 +113,14 @@ async def _timed_out(ex: RunExecution, unit: WaitUnit) -> Outcome:
             codec.check(plain)
         except SerializationError as exc:
             ex.failure = describe_error(exc, unit.name)
+            await step_failed(ex, unit.name, ex.failure, 0, None)
             return Outcome.FAIL
         return await _finish(ex, unit, plain)
     assert unit.timeout_ms is not None  # a deadline exists only with a timeout
     info = describe_error(WaitTimeoutError(unit.name, unit.timeout_ms / 1000), unit.name)
     await ex.save(unit.name, StepStatus.FAILED, error=info)
     ex.failure = info
+    await step_failed(ex, unit.name, info, 0, None)
     return Outcome.FAIL
 
 
@@ -132,10 +135,8 @@ async def run_wait(ex: RunExecution, unit: WaitUnit) -> Outcome:
         ex.failure = row.error  # timed out before the run could be marked failed
         return Outcome.FAIL
     resuming = row is not None and row.status is StepStatus.WAITING
-    if not resuming and ex.runtime.observers.listening:
-        await ex.runtime.observers.emit(
-            StepStarted(run_id=ex.run.id, workflow=ex.run.workflow, step=unit.name)
-        )
+    if not resuming and ex.listening:
+        await ex.emit(StepStarted, step=unit.name)
     consumed = await _consume(ex, unit)
     if consumed is not None:
         return consumed
@@ -154,4 +155,7 @@ async def run_wait(ex: RunExecution, unit: WaitUnit) -> Outcome:
         raise LeaseExpiredError(ex.run.id, "the store refused to suspend it")
     if deadline is not None:
         ex.runtime.note_wake(deadline - now)
+    await ex.ended_with(
+        RunSuspended, reason="wait", step=unit.name, wake_at=deadline, event=unit.name
+    )
     return Outcome.SUSPEND
