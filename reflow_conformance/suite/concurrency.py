@@ -1,6 +1,7 @@
 """Concurrency: real races, released together by a barrier — never timed with sleeps.
 
-Each scenario runs in up to three modes:
+Each scenario runs in up to three modes, and the coroutine and thread races in
+:data:`ROUNDS` rounds (see there):
 
 * ``coroutines`` — many coroutines on the one handle (``asyncio.gather``). Applies to
   every adapter, including ``memory``, which declares neither threads nor processes:
@@ -17,37 +18,48 @@ Each scenario runs in up to three modes:
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import queue
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from reflow_conformance.cases import case
 from reflow_conformance.harness import LEASE_MS, ContractViolation, Harness, HarnessError, expect
 from reflow_conformance.suite.leases import expect_all_refused
+from reflow_conformance.suite.rules import Racers
 from reflow_core.registry import Capability
 from reflow_core.storage import StorageAdapter
 from reflow_core.types import RunFilter, RunStatus, StepStatus
 
 RACERS = 6
 RUNS = 40
+ROUNDS = 12
+"""Each coroutine and thread race is played this many times per case, on fresh runs of a
+workflow of its own (``wf-<round>``), with the odd role (taker, finisher) moving from
+racer to racer (each racer twice), and the racers (threads and their handles) kept
+between rounds. One throw of a thread race catches a split check-then-write about half
+the time; measured on the 26 split check/write adapters of ``tests/conformance/faults``
+(``bench/kit_kill_rate.py --races-only``), twelve rounds catch every one of them in
+every default run (520 of 520; the split fenced save on SQLite in 100 of 100).
+``--reflow-stress=N`` plays each race case N times over, each time on a fresh store."""
 MODES: dict[str, frozenset[Capability]] = {
     "coroutines": frozenset(),
     "threads": frozenset({Capability.THREADS}),
 }
 
-Racer = Callable[[StorageAdapter, int], Awaitable[Any]]
+
+def _wf(round_: int) -> str:
+    return f"wf-{round_}"
 
 
-async def _race(h: Harness, mode: str, fn: Racer) -> list[Any]:
-    if mode == "threads":
-        return await h.race_threads(RACERS, fn)
-    return await h.race_coroutines(RACERS, fn)
+def _odd_one(round_: int) -> int:
+    """The racer playing the odd role (taker, finisher) in ``round_``: each in turn."""
+    return (RACERS // 2 + round_) % RACERS
 
 
-async def _claim_all(storage: StorageAdapter, _: int) -> list[tuple[str, str]]:
+async def _claim_all(names: list[str], storage: StorageAdapter, _: int) -> list[tuple[str, str]]:
     claimed = []
-    while (run := await storage.claim_next_run(["wf"], lease_ms=LEASE_MS)) is not None:
+    while (run := await storage.claim_next_run(names, lease_ms=LEASE_MS)) is not None:
         claimed.append((run.run.id, run.lease_id))
         # Bounded: a store that hands the same run out forever must fail, not hang (an
         # in-memory adapter never yields, so the case timeout could not interrupt it).
@@ -65,19 +77,21 @@ def _check_claims(results: list[list[tuple[str, str]]], expected: set[str]) -> N
     expect(len(set(leases)), len(leases), "distinct leases")
 
 
-async def _racing_claims(h: Harness, mode: str) -> None:
-    runs = {(await h.create("wf", i)).id for i in range(RUNS)}
-    _check_claims(await _race(h, mode, _claim_all), runs)
+async def _racing_claims(h: Harness, racers: Racers, round_: int) -> None:
+    wf = _wf(round_)
+    runs = {(await h.create(wf, i)).id for i in range(RUNS)}
+    _check_claims(await racers.race(functools.partial(_claim_all, [wf])), runs)
 
 
-async def _racing_stale_reclaim(h: Harness, mode: str) -> None:
-    claimed = await h.created_and_claimed()
+async def _racing_stale_reclaim(h: Harness, racers: Racers, round_: int) -> None:
+    wf = _wf(round_)
+    claimed = await h.created_and_claimed(wf)
     await h.expire(claimed.run.id)  # every racer shares the kit clock: all see it expired
 
     async def reclaim(storage: StorageAdapter, _: int) -> Any:
-        return await storage.claim_next_run(["wf"], lease_ms=LEASE_MS)
+        return await storage.claim_next_run([wf], lease_ms=LEASE_MS)
 
-    won = [c for c in await _race(h, mode, reclaim) if c is not None]
+    won = [c for c in await racers.race(reclaim) if c is not None]
     winners = [c.lease_id for c in won]
     expect(len(winners), 1, f"racers that reclaimed the one stale run (leases {winners})")
     expect(won[0].run.recoveries, 1, "recoveries returned to the one winner")
@@ -87,20 +101,21 @@ async def _racing_stale_reclaim(h: Harness, mode: str) -> None:
     expect(await h.storage.heartbeat_run(claimed.run.id, winners[0]), True, "winner's lease")
 
 
-async def _racing_schedule(h: Harness, mode: str) -> None:
+async def _racing_schedule(h: Harness, racers: Racers, round_: int) -> None:
+    wf = _wf(round_)
     due = h.now() - 1_000
-    await h.storage.upsert_schedule(h.schedule("k", every_ms=10**9, next_run_at=due))
+    await h.storage.upsert_schedule(h.schedule(f"k-{round_}", wf, every_ms=10**9, next_run_at=due))
 
     async def fire(storage: StorageAdapter, _: int) -> int | None:
-        claimed = await storage.claim_due_schedule(["wf"])
+        claimed = await storage.claim_due_schedule([wf])
         return claimed.slot if claimed else None
 
-    slots = [slot for slot in await _race(h, mode, fire) if slot is not None]
+    slots = [slot for slot in await racers.race(fire) if slot is not None]
     expect(slots, [due], "slots fired across racers")
 
 
-async def _racing_events(h: Harness, mode: str) -> None:
-    run = await h.create()
+async def _racing_events(h: Harness, racers: Racers, round_: int) -> None:
+    run = await h.create(_wf(round_))
     for index in range(RUNS):
         await h.storage.deliver_event(run.id, "ev", index)
 
@@ -112,46 +127,59 @@ async def _racing_events(h: Harness, mode: str) -> None:
                 break
         return taken
 
-    taken = sorted(p for batch in await _race(h, mode, take_all) for p in batch)
+    taken = sorted(p for batch in await racers.race(take_all) for p in batch)
     expect(taken, list(range(RUNS)), "events taken across racers (each exactly once)")
 
 
-async def _racing_idempotency(h: Harness, mode: str) -> None:
+async def _racing_idempotency(h: Harness, racers: Racers, round_: int) -> None:
+    wf = _wf(round_)
+
     async def create(storage: StorageAdapter, index: int) -> tuple[str, bool]:
-        result = await storage.create_run(h.new_run("wf", index, idempotency_key="k"))
+        result = await storage.create_run(h.new_run(wf, index, idempotency_key="k"))
         return result.run.id, result.created
 
-    results = await _race(h, mode, create)
+    results = await racers.race(create)
     expect(sum(created for _, created in results), 1, "racers told created=True")
     expect(len({run_id for run_id, _ in results}), 1, "distinct run ids returned")
-    expect(len(await h.storage.list_runs(RunFilter())), 1, "runs stored")
+    expect(len(await h.storage.list_runs(RunFilter(workflow=wf))), 1, "runs stored")
 
 
 _TAKEOVER_TRIES = 1000
+_OLD_SAVES = 30
+"""Saves each old-lease racer makes, one after another, until one is refused."""
+_SETTLE_POLLS = 1000
 
 
-async def _racing_fenced_save(h: Harness, mode: str) -> None:
-    old = await h.created_and_claimed()
-    run_id, taker = old.run.id, RACERS // 2
+async def _racing_fenced_save(h: Harness, racers: Racers, round_: int) -> None:
+    wf = _wf(round_)
+    old = await h.created_and_claimed(wf)
+    run_id, taker = old.run.id, _odd_one(round_)
     await h.expire(run_id)  # the old lease has just expired: the taker may take the run
 
     async def save(storage: StorageAdapter, index: int) -> Any:
-        # One racer takes the run over and at once reads the steps; the others each save a
-        # step with the lost lease. An old-lease save is either refused or lands before
-        # the takeover, so nothing may appear after the taker's read.
+        # One racer takes the run over and at once reads the steps; the others keep saving
+        # steps with the old lease, one after another, until one is refused, so that saves
+        # are in flight whenever the takeover lands. An old-lease save is either refused or
+        # lands before the takeover, so nothing may appear after the taker's read.
         if index != taker:
-            step = h.step(run_id, f"old-{index}", output=index)
-            return await storage.save_step_result(step, old.lease_id)
+            for k in range(_OLD_SAVES):
+                step = h.step(run_id, f"old-{index}-{k:03d}", output=index)
+                if not await storage.save_step_result(step, old.lease_id):
+                    break
+            return None
+        for _ in range(_SETTLE_POLLS):  # let the old holder's saves get going
+            if await storage.get_step_results(run_id):
+                break
         # A claim may skip a run whose row a concurrent write holds at that instant
         # (SKIP LOCKED adapters; see the claim_next_run contract), so retry a bounded
         # number of times: what matters here is what is visible after the takeover.
         for _ in range(_TAKEOVER_TRIES):
-            new = await storage.claim_next_run(["wf"], lease_ms=LEASE_MS)
+            new = await storage.claim_next_run([wf], lease_ms=LEASE_MS)
             if new is not None:
                 return await storage.get_step_results(run_id)
         return None
 
-    results = await _race(h, mode, save)
+    results = await racers.race(save)
     at_takeover = results[taker]
     if at_takeover is None:
         raise ContractViolation("claim_next_run of a run whose lease expired", run_id, None)
@@ -162,9 +190,9 @@ async def _racing_fenced_save(h: Harness, mode: str) -> None:
     )
 
 
-async def _racing_cancel_vs_complete(h: Harness, mode: str) -> None:
-    claimed = await h.created_and_claimed()
-    run_id, finisher = claimed.run.id, RACERS // 2
+async def _racing_cancel_vs_complete(h: Harness, racers: Racers, round_: int) -> None:
+    claimed = await h.created_and_claimed(_wf(round_))
+    run_id, finisher = claimed.run.id, _odd_one(round_)
     live = [RunStatus.PENDING, RunStatus.RUNNING, RunStatus.SLEEPING, RunStatus.WAITING]
 
     async def act(storage: StorageAdapter, index: int) -> tuple[str, bool]:
@@ -176,18 +204,18 @@ async def _racing_cancel_vs_complete(h: Harness, mode: str) -> None:
         cancelled = await storage.update_run_status(run_id, RunStatus.CANCELLED, expected=live)
         return "cancelled", cancelled
 
-    winners = [what for what, ok in await _race(h, mode, act) if ok]
+    winners = [what for what, ok in await racers.race(act) if ok]
     expect(len(winners), 1, f"calls that reported success ({winners}): exactly one may win")
     expect((await h.get(run_id)).status, RunStatus(winners[0]), "final status is the winner's")
 
 
-async def _racing_event_key(h: Harness, mode: str) -> None:
-    run = await h.create()
+async def _racing_event_key(h: Harness, racers: Racers, round_: int) -> None:
+    run = await h.create(_wf(round_))
 
     async def deliver(storage: StorageAdapter, index: int) -> bool:
         return await storage.deliver_event(run.id, "ev", index, key="one-delivery")
 
-    answers = await _race(h, mode, deliver)
+    answers = await racers.race(deliver)
     expect(answers, [True] * RACERS, "every racer delivering the same key is told True")
     events = []
     while (record := await h.storage.take_event(run.id, "ev")) is not None:
@@ -197,8 +225,8 @@ async def _racing_event_key(h: Harness, mode: str) -> None:
     expect(len(events), 1, f"events stored for one key delivered by {RACERS} racers: {events}")
 
 
-async def _racing_write_once(h: Harness, mode: str) -> None:
-    claimed = await h.created_and_claimed()
+async def _racing_write_once(h: Harness, racers: Racers, round_: int) -> None:
+    claimed = await h.created_and_claimed(_wf(round_))
     run_id = claimed.run.id
 
     async def save(storage: StorageAdapter, index: int) -> bool:
@@ -206,7 +234,7 @@ async def _racing_write_once(h: Harness, mode: str) -> None:
         step = h.step(run_id, "charge", StepStatus.COMPLETED, output=f"racer-{index}")
         return await storage.save_step_result(step, claimed.lease_id if index % 2 else None)
 
-    answers = await _race(h, mode, save)
+    answers = await racers.race(save)
     winners = [index for index, ok in enumerate(answers) if ok]
     expect(len(winners), 1, f"racers told their final checkpoint was written: {winners}")
     rows = await h.storage.get_step_results(run_id)
@@ -233,8 +261,8 @@ SCENARIOS = {
         _racing_idempotency,
     ),
     "fenced_save": (
-        "Racing a takeover against saves with the old lease: no old-lease write lands "
-        "after the takeover.",
+        "Racing a takeover against a stream of saves with the old lease: no old-lease "
+        "write lands after the takeover.",
         _racing_fenced_save,
     ),
     "cancel_vs_complete": (
@@ -255,9 +283,19 @@ SCENARIOS = {
 
 
 def _register(name: str, mode: str, description: str, scenario: Any) -> None:
-    @case(f"concurrency.{name}_{mode}", f"{description} ({mode})", requires=MODES[mode])
+    @case(
+        f"concurrency.{name}_{mode}",
+        f"{description} ({mode}, {ROUNDS} rounds)",
+        requires=MODES[mode],
+    )
     async def race(h: Harness) -> None:
-        await scenario(h, mode)
+        async with Racers(h, mode, RACERS) as racers:
+            for round_ in range(ROUNDS):
+                try:
+                    await scenario(h, racers, round_)
+                except AssertionError as exc:
+                    exc.add_note(f"in round {round_ + 1} of {ROUNDS} (workflow {_wf(round_)!r})")
+                    raise
 
 
 for _name, (_description, _scenario) in SCENARIOS.items():
