@@ -1,0 +1,2 @@
+-- get_run (read only): one run hash. ARGV[3] run id.
+return redis.call('HGETALL', run_key(ARGV[3]))
