@@ -5,7 +5,9 @@ Every command but ``reflow db migrate`` opens its store with ``migrate=False``: 
 schema version is read first (creating nothing: no SQLite file, no PostgreSQL schema),
 and a store that is missing or not current is refused with the command to run. Only
 then are connections opened. ``reflow db migrate`` calls the adapter's
-``initialize()``, which is what migrates.
+``initialize()``, which is what migrates. An adapter takes part through the optional
+:class:`~reflow_core.migrations.MigratableStorage` protocol; one without it has no
+schema to manage and is simply initialized.
 """
 
 from __future__ import annotations
@@ -15,10 +17,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
-from reflow_cli.bridges import migratable
 from reflow_cli.common import BadConfig, Refused
 from reflow_core.errors import AdapterError, ConfigError, ReflowError
-from reflow_core.migrations import MigratableStorage, SchemaNotCurrentError, SchemaStatus
+from reflow_core.migrations import (
+    MigratableStorage,
+    SchemaNotCurrentError,
+    SchemaStatus,
+    open_without_migrating,
+)
 from reflow_core.registry import open_storage
 from reflow_core.storage import StorageAdapter
 
@@ -36,14 +42,10 @@ async def opened(url: str, *, migrate: bool = False) -> AsyncIterator[StorageAda
     """
     storage = open_storage(url)
     try:
-        schema = migratable(storage)
-        if migrate or schema is None:
+        if migrate:
             await storage.initialize()
         else:
-            status = await schema.schema_status()
-            if not status.up_to_date:
-                raise SchemaNotCurrentError(status, storage.url or url)
-            await schema.connect()
+            await open_without_migrating(storage)
         yield storage
     finally:
         await storage.close()
@@ -51,13 +53,12 @@ async def opened(url: str, *, migrate: bool = False) -> AsyncIterator[StorageAda
 
 def schema_of(storage: StorageAdapter) -> MigratableStorage:
     """The store's schema handle; :class:`Refused` for an adapter without a schema."""
-    schema = migratable(storage)
-    if schema is None:
+    if not isinstance(storage, MigratableStorage):
         raise Refused(
             f"{type(storage).__name__} has no schema to migrate or inspect "
             "(its adapter does not implement reflow_core.migrations.MigratableStorage)"
         )
-    return schema
+    return storage
 
 
 async def read_status(url: str) -> tuple[SchemaStatus, MigratableStorage]:

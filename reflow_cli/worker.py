@@ -50,7 +50,6 @@ from types import FrameType
 from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from reflow_cli.bridges import migratable
 from reflow_core.durations import to_seconds
 from reflow_core.engine import Engine
 from reflow_core.errors import (
@@ -64,7 +63,7 @@ from reflow_core.errors import (
 from reflow_core.events import RunCompleted, RunFailed, RunStarted, StepCompleted
 from reflow_core.hookspecs import hookimpl
 from reflow_core.lease import LeaseOptions
-from reflow_core.migrations import SchemaNotCurrentError
+from reflow_core.migrations import MigratableStorage, SchemaNotCurrentError
 from reflow_core.registry import plugin_manager
 from reflow_core.storage import StorageAdapter
 from reflow_core.workflow import Workflow
@@ -318,10 +317,9 @@ async def start_engine(config: WorkerConfig, *, run: bool = True) -> tuple[Engin
 async def _require_current_schema(storage: StorageAdapter) -> None:
     """``--no-migrate``: :class:`SchemaNotCurrentError` unless the schema is current, so
     the engine's ``initialize()`` that follows has nothing to apply."""
-    schema = migratable(storage)
-    if schema is None:
+    if not isinstance(storage, MigratableStorage):
         return
-    status = await schema.schema_status()
+    status = await storage.schema_status()
     if not status.up_to_date:
         # The log line shows the URL without its password, as every worker line does.
         raise SchemaNotCurrentError(status, redact(storage.url) if storage.url else None)

@@ -39,6 +39,7 @@ __all__ = ["CONTRACT_VERSION", "Case", "all_cases", "case", "select_cases"]
 SUITE_MODULES = (
     "runs",
     "claim",
+    "batch_claim",
     "clock",
     "leases",
     "lease_fields",
@@ -50,11 +51,13 @@ SUITE_MODULES = (
     "consume",
     "listing",
     "requeue",
+    "retention",
     "schedules",
     "values",
     "identifiers",
     "lifecycle",
     "concurrency",
+    "rules",
     "model",
     "engine",
 )

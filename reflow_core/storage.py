@@ -76,6 +76,7 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any, Protocol, runtime_checkable
 
+from reflow_core.errors import ConfigError
 from reflow_core.types import (
     ClaimedRun,
     ClaimedSchedule,
@@ -91,11 +92,87 @@ from reflow_core.types import (
     WorkflowRun,
 )
 
-__all__ = ["CONTRACT_VERSION", "Clock", "StorageAdapter", "WorkNotifier", "system_clock"]
+__all__ = [
+    "CONTRACT_VERSION",
+    "TERMINAL_STATUSES",
+    "Clock",
+    "StorageAdapter",
+    "WorkNotifier",
+    "check_limit",
+    "check_purge_args",
+    "system_clock",
+]
 
-CONTRACT_VERSION = "2.0"
+CONTRACT_VERSION = "2.1"
 """The version of this contract. The conformance kit checks adapters against it; an
-adapter distribution depends on the ``reflow`` versions that implement it."""
+adapter distribution depends on the ``reflow`` versions that implement it.
+
+2.1 adds two methods to 2.0, changing nothing else: :meth:`StorageAdapter.claim_runs`
+(claim up to N runs in one call, so a dispatcher fills its free slots with one round
+trip) and :meth:`StorageAdapter.purge_runs` (delete finished runs older than a cutoff,
+in bounded batches, for retention). Both refuse a bad ``limit`` or status with
+:class:`~reflow_core.errors.ConfigError` before reading or writing anything."""
+
+TERMINAL_STATUSES: frozenset[RunStatus] = frozenset(
+    {RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED}
+)
+"""The statuses of a finished run: the only ones :meth:`StorageAdapter.purge_runs` deletes."""
+
+
+def check_limit(limit: object, operation: str) -> int:
+    """``limit`` if it is an int of at least 1, else :class:`ConfigError` naming ``operation``.
+
+    Shared by every adapter's ``claim_runs`` and ``purge_runs`` so the refusal reads the
+    same everywhere; ``bool`` is refused although it is an ``int`` subclass.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(
+            f"{operation}: limit must be an int of at least 1, got {limit!r}; "
+            "pass how many runs to handle in this call"
+        )
+    return limit
+
+
+def check_purge_args(
+    finished_before: object, limit: object, statuses: Collection[RunStatus] | None
+) -> frozenset[RunStatus]:
+    """Validate ``purge_runs`` arguments; return the statuses to delete.
+
+    ``None`` means every finished status (:data:`TERMINAL_STATUSES`). A status that is
+    not a :class:`RunStatus` value, or one that is not finished, raises
+    :class:`ConfigError` (nothing is read or written), as does a ``finished_before``
+    that is not an int or a ``limit`` below 1.
+    """
+    if isinstance(finished_before, bool) or not isinstance(finished_before, int):
+        raise ConfigError(
+            f"purge_runs: finished_before must be an int (epoch milliseconds on the "
+            f"store's clock), got {finished_before!r}"
+        )
+    check_limit(limit, "purge_runs")
+    if statuses is None:
+        return TERMINAL_STATUSES
+    if isinstance(statuses, str):
+        raise ConfigError(
+            f"purge_runs: statuses must be a collection of RunStatus, got the string "
+            f"{statuses!r}; pass [{statuses!r}] for one status"
+        )
+    chosen: set[RunStatus] = set()
+    for status in statuses:
+        try:
+            value = RunStatus(status)
+        except ValueError:
+            raise ConfigError(
+                f"purge_runs: {status!r} is not a run status; use one of "
+                f"{sorted(s.value for s in TERMINAL_STATUSES)}"
+            ) from None
+        if value not in TERMINAL_STATUSES:
+            raise ConfigError(
+                f"purge_runs: refusing status {value.value!r}: only finished runs "
+                f"({', '.join(sorted(s.value for s in TERMINAL_STATUSES))}) can be purged"
+            )
+        chosen.add(value)
+    return frozenset(chosen)
+
 
 Clock = Callable[[], int]
 """Returns the current time in integer milliseconds since the Unix epoch."""
@@ -182,6 +259,80 @@ class StorageAdapter(Protocol):
         empty name list claims nothing. A run whose row another transaction holds at
         this very instant may be skipped (adapters built on ``SKIP LOCKED`` do so that
         workers never queue behind each other); the next claim finds it.
+        """
+        ...
+
+    async def claim_runs(
+        self,
+        workflow_names: Collection[str],
+        *,
+        lease_ms: int,
+        holder: LeaseHolder | None = None,
+        limit: int,
+    ) -> list[ClaimedRun]:
+        """Claim up to ``limit`` claimable runs of the named workflows in one call (2.1).
+
+        The result is what ``limit`` calls of :meth:`claim_next_run` in a row would
+        return, stopping at the first ``None``: the same claimability (judged by the
+        store's clock), the same oldest-first order by ``(created_at, id)``, and every
+        returned run with exactly the fields such a claim sets (``running``, its own new
+        unique lease id, ``claimed_at = heartbeat_at = now``, ``lease_ms``,
+        ``lease_expires_at = now + lease_ms``, ``holder``, ``wake_at``/``waiting_for``
+        cleared, ``attempt`` + 1, and ``recoveries`` + 1 for a run taken over from an
+        expired lease). The store's clock may be read once for the whole call or once
+        per run; ``claimed_at`` never decreases along the list.
+
+        Returns the claimed runs in claim order (oldest first), each at most once; fewer
+        than ``limit`` when fewer are claimable; ``[]`` when none is, or when
+        ``workflow_names`` is empty. Only runs of the named workflows are taken.
+
+        Each run is claimed atomically, so two concurrent callers (of this method or of
+        :meth:`claim_next_run`, in any process) never get the same run; with concurrent
+        callers one batch need not be the globally oldest runs (a row another transaction
+        holds may be skipped, as with :meth:`claim_next_run`). The batch itself need not
+        be one transaction: if the call fails part way, runs it had already claimed may
+        stay claimed by a lease nobody knows, and are recovered when it expires, as after
+        a crashed worker; adapters that can claim the batch in one transaction should.
+
+        ``limit < 1`` (or a non-int ``limit``) raises
+        :class:`~reflow_core.errors.ConfigError` before anything is read or written
+        (:func:`check_limit`); identifiers are checked as in :meth:`claim_next_run`.
+        """
+        ...
+
+    async def purge_runs(
+        self,
+        *,
+        finished_before: int,
+        limit: int,
+        statuses: Collection[RunStatus] | None = None,
+    ) -> int:
+        """Delete up to ``limit`` finished runs last updated before a cutoff (2.1);
+        return how many runs were deleted.
+
+        A run is purged only if its status is ``completed``, ``failed`` or ``cancelled``
+        (``statuses``, when given, narrows that set; an empty collection purges nothing
+        and returns 0) and its ``updated_at < finished_before`` (strictly; epoch
+        milliseconds on the store's clock). Among those, the oldest go first, by
+        ``(updated_at, id)``. A ``pending``, ``running``, ``sleeping`` or ``waiting`` run
+        is never touched, whatever its age.
+
+        Deleting a run deletes everything stored for it: the run row, all its step rows,
+        its buffered events, and the event keys delivered to it (the dedupe records of
+        :meth:`deliver_event`). Its idempotency key becomes free: a later
+        :meth:`create_run` with the same workflow and key creates a new run. After the
+        call, :meth:`get_run` answers ``None``, :meth:`get_step_results` ``[]`` and
+        :meth:`list_runs` no longer lists it. Schedules are not touched.
+
+        Each run's status check and its deletion are one atomic step, so a run that was
+        requeued (:meth:`requeue_run`) or otherwise left its finished status a moment
+        before is not deleted. At most ``limit`` runs go per call, so that no call holds
+        locks or memory in proportion to the store's size: callers loop until the answer
+        is below ``limit`` (or 0).
+
+        ``limit < 1``, a non-int ``finished_before``, or a status in ``statuses`` that is
+        not finished (or not a status) raises :class:`~reflow_core.errors.ConfigError`
+        before anything is read or written (:func:`check_purge_args`).
         """
         ...
 

@@ -33,7 +33,7 @@ def _storage_class() -> type[APSWStorage]:
 def make_storage(url: str | None = None, **options: Any) -> APSWStorage:
     """``apsw:///relative.db``, ``apsw:////abs/path.db``, ``apsw://`` (memory).
 
-    Options: ``path``, ``clock``, ``busy_timeout_ms``, ``synchronous``. No I/O.
+    Options: ``path``, ``clock``, ``busy_timeout_ms``, ``synchronous``, ``watch_ms``. No I/O.
     """
     path, arguments = storage_arguments(url, "apsw", options)
     return _storage_class()(path, **arguments)
@@ -55,7 +55,12 @@ def reflow_adapters() -> list[AdapterSpec]:
             factory=make_storage,
             schemes=("apsw",),
             capabilities=frozenset(
-                {Capability.DURABLE, Capability.CROSS_PROCESS, Capability.THREADS}
+                {
+                    Capability.DURABLE,
+                    Capability.CROSS_PROCESS,
+                    Capability.THREADS,
+                    Capability.NOTIFY,
+                }
             ),
             conformance_factory=_conformance_storage,
             description="SQLite file through APSW, with its own bundled SQLite (extra apsw)",

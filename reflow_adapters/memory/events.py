@@ -60,3 +60,8 @@ class EventBuffers:
             if not by_name:
                 del self._buffers[run_id]
         return event
+
+    def drop_run(self, run_id: str) -> None:
+        """Forget the run's buffered events and delivered keys (a purge)."""
+        self._buffers.pop(run_id, None)
+        self._keys.pop(run_id, None)

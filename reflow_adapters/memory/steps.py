@@ -96,3 +96,8 @@ class StepTable:
             if StepStatus(step.status) is StepStatus.FAILED:
                 del steps[name]
                 del self._ids[step.id]
+
+    def drop_run(self, run_id: str) -> None:
+        """Delete every row of the run (a purge) and free their ids."""
+        for step, _ in self._rows.pop(run_id, {}).values():
+            self._ids.pop(step.id, None)

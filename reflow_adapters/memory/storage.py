@@ -33,6 +33,7 @@ import msgspec
 
 from reflow_adapters.memory.claims import ClaimIndex, RunRow
 from reflow_adapters.memory.events import EventBuffers
+from reflow_adapters.memory.finished import FinishedIndex
 from reflow_adapters.memory.schedules import ScheduleTable
 from reflow_adapters.memory.steps import StepTable
 from reflow_core import codec
@@ -48,7 +49,7 @@ from reflow_core.identifiers import (
     check_schedule,
     check_step,
 )
-from reflow_core.storage import Clock, system_clock
+from reflow_core.storage import Clock, check_limit, check_purge_args, system_clock
 from reflow_core.types import (
     ClaimedRun,
     ClaimedSchedule,
@@ -97,6 +98,7 @@ class MemoryStorage:
         self._keys: dict[tuple[str, str], str] = {}
         self._order: list[_Key] = []  # every run's (created_at, id), sorted: list_runs pages it
         self._claims = ClaimIndex(self._runs)
+        self._finished = FinishedIndex(self._runs)
         self._steps = StepTable()
         self._events = EventBuffers()
         self._schedules = ScheduleTable()
@@ -111,6 +113,7 @@ class MemoryStorage:
         """Drop all state; later calls raise ``StorageError``. Safe to call twice."""
         self._closed = True
         self._claims.clear()
+        self._finished.clear()
         self._runs.clear()
         self._keys.clear()
         self._order.clear()
@@ -146,6 +149,7 @@ class MemoryStorage:
             row.release()
         row.updated_at = now
         self._claims.file(row)
+        self._finished.file(row)
 
     def _check_run_id(self, run_id: str) -> None:
         # A stored run's id was checked when it was created: only an unknown one needs
@@ -187,6 +191,7 @@ class MemoryStorage:
             self._keys[(row.workflow, row.idempotency_key)] = row.id
         bisect.insort(self._order, (row.created_at, row.id))  # appends when created in order
         self._claims.file(row)
+        self._finished.file(row)
         return CreateRunResult(row.record(), True)
 
     async def get_run(self, run_id: str) -> WorkflowRun | None:
@@ -232,8 +237,33 @@ class MemoryStorage:
         self._check("claim_next_run")
         now = self._clock()
         row = self._claims.pop_oldest(workflow_names, now)
-        if row is None:
-            return None
+        return None if row is None else self._claim(row, now, lease_ms, holder)
+
+    async def claim_runs(
+        self,
+        workflow_names: Collection[str],
+        *,
+        lease_ms: int,
+        holder: LeaseHolder | None = None,
+        limit: int,
+    ) -> list[ClaimedRun]:
+        """Claim up to ``limit`` runs, oldest first, each as ``claim_next_run`` would."""
+        check_limit(limit, "claim_runs")
+        check_names(workflow_names)
+        check_holder(holder)
+        self._check("claim_runs")
+        now = self._clock()
+        claimed: list[ClaimedRun] = []
+        while len(claimed) < limit:
+            row = self._claims.pop_oldest(workflow_names, now)
+            if row is None:
+                break
+            claimed.append(self._claim(row, now, lease_ms, holder))
+        return claimed
+
+    def _claim(
+        self, row: RunRow, now: int, lease_ms: int, holder: LeaseHolder | None
+    ) -> ClaimedRun:
         if row.status is _RUNNING:  # taken over from a lease that expired
             row.recoveries += 1
         row.attempt += 1
@@ -340,6 +370,28 @@ class MemoryStorage:
         row.recoveries = 0
         self._move(row, _PENDING, self._clock())
         return True
+
+    async def purge_runs(
+        self,
+        *,
+        finished_before: int,
+        limit: int,
+        statuses: Collection[RunStatus] | None = None,
+    ) -> int:
+        """Delete up to ``limit`` finished runs with ``updated_at < finished_before``,
+        oldest first, with their steps, events and event keys; return how many."""
+        chosen = check_purge_args(finished_before, limit, statuses)
+        self._check("purge_runs")
+        rows = self._finished.take_oldest(chosen, finished_before, limit)
+        for row in rows:
+            del self._runs[row.id]
+            if row.idempotency_key is not None:
+                self._keys.pop((row.workflow, row.idempotency_key), None)
+            i = bisect.bisect_left(self._order, (row.created_at, row.id))
+            del self._order[i]
+            self._steps.drop_run(row.id)
+            self._events.drop_run(row.id)
+        return len(rows)
 
     # -- steps --------------------------------------------------------------
 

@@ -6,8 +6,10 @@ waiting". The listener cannot use a pooled connection: LISTEN belongs to a sessi
 and the session must stay idle in ``notifies()`` rather than be lent out.
 
 Connection loss is normal (restarts, failovers, idle-killing proxies): the loop logs a
-warning, reconnects with bounded exponential backoff, and calls ``on_work`` once after
-reconnecting because notifications sent while disconnected are lost. A silent network
+warning and reconnects at once when the lost connection had been listening (work
+announced meanwhile must not wait), then with bounded exponential backoff while
+connecting fails; it calls ``on_work`` once after reconnecting because notifications
+sent while disconnected are lost. A silent network
 loss is caught by probing the connection after ``probe_after_s`` without traffic.
 """
 
@@ -47,6 +49,7 @@ async def listen(
     connected_before = False
     while not stopped():
         conn: AsyncConnection[Any] | None = None
+        listening = False
         try:
             conn = await AsyncConnection.connect(conninfo, autocommit=True)
             connections.add(conn)
@@ -54,7 +57,7 @@ async def listen(
             if connected_before:
                 logger.info("reflow.postgres: listener on %s reconnected", channel)
                 on_work()  # whatever was notified while we were away
-            connected_before = True
+            connected_before = listening = True
             delay = backoff_initial_s
             while True:
                 async for _ in conn.notifies(timeout=probe_after_s):
@@ -68,11 +71,13 @@ async def listen(
                 "reflow.postgres: listener on %s lost its connection (%s); retrying in %.1fs",
                 channel,
                 exc,
-                delay,
+                0.0 if listening else delay,
             )
         finally:
             if conn is not None:
                 connections.discard(conn)
                 await conn.close()
+        if listening:
+            continue  # it was up: a terminated backend or a restart; reconnect at once
         await asyncio.sleep(delay)
         delay = min(delay * 2, backoff_max_s)

@@ -99,6 +99,7 @@ def _drop_test_schemas() -> None:
         _drop_schema(url, schema)
     _test_schemas.clear()
 
+
 @hookimpl
 def reflow_adapters() -> list[AdapterSpec]:
     """The PostgreSQL adapter."""

@@ -70,66 +70,92 @@ SELECT * FROM runs WHERE workflow = %(workflow)s AND idempotency_key = %(idempot
 SELECT * FROM runs WHERE id = %(id)s;
 
 -- name: list_runs
--- Each optional filter is "param IS NULL OR ..."; psycopg sends values, so PostgreSQL
--- plans with them known and the NULL branches fold away (the indexes stay usable).
+-- list_runs has one query per filter combination, each served by an index whose
+-- equality prefix is the filter and whose order is (created_at, id), walked backwards
+-- from one row-comparison bound: a page costs O(log n + limit) whatever the table
+-- holds, and no plan hinges on a parameter being NULL (a generic plan of "param IS NULL
+-- OR ..." cannot use the bound). The caller always binds a bound: (before, before_id)
+-- for keyset paging; (before, '') for "created_at < before" ('' sorts before every id,
+-- ids are non-empty and COLLATE "C"); (the largest bigint, '') for the first page.
 SELECT * FROM runs
-WHERE (%(status)s::text IS NULL OR status = %(status)s::text)
-  AND (%(workflow)s::text IS NULL OR workflow = %(workflow)s::text)
-  AND (%(before)s::bigint IS NULL
-       OR (%(before_id)s::text IS NULL AND created_at < %(before)s::bigint)
-       OR (created_at, id) < (%(before)s::bigint, %(before_id)s::text))
+WHERE (created_at, id) < (%(before)s::bigint, %(before_id)s::text)
 ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s;
 
--- name: claim_next_run
--- One statement. Each kind of claimable run is looked up through its own index, oldest
--- first, row-locked and skipping rows another claimer has locked (never blocking on
--- them); the oldest of those (at most three) candidates is taken, and the others are
--- unlocked when the statement ends. A locked row is re-checked against its branch on
--- its newest version, so a run claimed a moment ago by another worker is passed over.
--- Staleness is judged by the stored lease_expires_at (set from the holder's own
--- lease_ms) against the server's clock: neither the claimer's clock nor its lease
--- setting enters into it.
---   pending: runs_status_list_idx walked in (created_at, id) order; every entry is
---     claimable, so the first unlocked one is the answer.
---   expired, due: a range scan of runs_lease_expiry_idx / runs_wake_idx (the few leases
---     that ended, the few wake-ups that passed), then a sort. "created_at + 0" keeps the
---     planner from walking an index in created_at order instead: it cannot know at plan
---     time that clock.now excludes nearly every row, and such a walk reads every live
---     lease or future wake-up older than the first claimable run.
+-- name: list_runs_by_status
+SELECT * FROM runs
+WHERE status = %(status)s::text AND (created_at, id) < (%(before)s::bigint, %(before_id)s::text)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- name: list_runs_by_workflow
+SELECT * FROM runs
+WHERE workflow = %(workflow)s::text AND (created_at, id) < (%(before)s::bigint, %(before_id)s::text)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- name: list_runs_by_workflow_and_status
+SELECT * FROM runs
+WHERE workflow = %(workflow)s::text AND status = %(status)s::text AND (created_at, id) < (%(before)s::bigint, %(before_id)s::text)
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s;
+
+-- name: claim_runs
+-- One statement claims up to %(limit)s runs (claim_next_run is this with limit 1). For
+-- each named workflow (a LATERAL subquery per name), each kind of claimable run is
+-- looked up through an index that leads with the workflow, oldest first, row-locked
+-- and skipping rows another claimer has locked (never blocking on them); the oldest
+-- %(limit)s of those candidates are taken. Candidates not taken stay locked only until
+-- the statement's own transaction ends (autocommit: at once). A locked row is
+-- re-checked against its branch on its newest version, so a run claimed a moment ago by
+-- another worker is passed over. Staleness is judged by the stored lease_expires_at
+-- (set from the holder's own lease_ms) against the server's clock: neither the
+-- claimer's clock nor its lease setting enters into it.
+--   pending: runs_workflow_status_idx walked in (created_at, id) order within the
+--     workflow; every entry is claimable, so the first unlocked ones are the answer.
+--   expired, due: a range scan of runs_lease_expiry_idx / runs_wake_idx within the
+--     workflow (the few leases that ended, the few wake-ups that passed), then a sort.
+--     "created_at + 0" keeps the planner from walking another index in created_at
+--     order instead: it cannot know at plan time that clock.now excludes nearly every
+--     row, and such a walk reads every live lease or future wake-up.
+-- Each run gets its own lease id from gen_random_uuid(); the caller reads it back from
+-- RETURNING, and sorts the rows by (created_at, id): RETURNING has no order.
 WITH clock AS MATERIALIZED (SELECT reflow_now(%(now)s::bigint) AS now),
-pending AS (
-    SELECT id, created_at FROM runs
-    WHERE status = 'pending' AND workflow = ANY(%(names)s::text[])
-    ORDER BY created_at, id
-    LIMIT 1
-    FOR UPDATE SKIP LOCKED
-),
-expired AS (
-    SELECT id, created_at FROM runs
-    WHERE status = 'running' AND lease_expires_at <= (SELECT now FROM clock)
-      AND workflow = ANY(%(names)s::text[])
-    ORDER BY created_at + 0, id
-    LIMIT 1
-    FOR UPDATE SKIP LOCKED
-),
-due AS (
-    SELECT id, created_at FROM runs
-    WHERE status IN ('sleeping', 'waiting') AND wake_at <= (SELECT now FROM clock)
-      AND workflow = ANY(%(names)s::text[])
-    ORDER BY created_at + 0, id
-    LIMIT 1
-    FOR UPDATE SKIP LOCKED
+names AS (SELECT DISTINCT unnest(%(names)s::text[]) AS name),
+candidates AS (
+    SELECT c.id, c.created_at FROM names CROSS JOIN LATERAL (
+        SELECT id, created_at FROM runs
+        WHERE workflow = names.name AND status = 'pending'
+        ORDER BY created_at, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    UNION ALL
+    SELECT c.id, c.created_at FROM names CROSS JOIN LATERAL (
+        SELECT id, created_at FROM runs
+        WHERE workflow = names.name AND status = 'running'
+          AND lease_expires_at <= (SELECT now FROM clock)
+        ORDER BY created_at + 0, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    UNION ALL
+    SELECT c.id, c.created_at FROM names CROSS JOIN LATERAL (
+        SELECT id, created_at FROM runs
+        WHERE workflow = names.name AND status IN ('sleeping', 'waiting')
+          AND wake_at <= (SELECT now FROM clock)
+        ORDER BY created_at + 0, id
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+    ) AS c
 ),
 chosen AS (
-    SELECT id FROM (SELECT * FROM pending
-                    UNION ALL SELECT * FROM expired
-                    UNION ALL SELECT * FROM due) AS candidates
+    SELECT id FROM candidates
     ORDER BY created_at, id
-    LIMIT 1
+    LIMIT %(limit)s
 )
 UPDATE runs
-SET status = 'running', lease_id = %(lease_id)s,
+SET status = 'running', lease_id = gen_random_uuid()::text,
     claimed_at = clock.now, heartbeat_at = clock.now,
     lease_ms = %(lease_ms)s::bigint, lease_expires_at = clock.now + %(lease_ms)s::bigint,
     holder = %(holder)s::json,
@@ -138,6 +164,42 @@ SET status = 'running', lease_id = %(lease_id)s,
 FROM chosen, clock
 WHERE runs.id = chosen.id
 RETURNING runs.*;
+
+-- name: purge_runs
+-- The oldest %(limit)s finished runs with updated_at < %(before)s among the statuses
+-- whose flag is set, each status read through its own partial index and locked (SKIP
+-- LOCKED: a row another transaction is changing is left for the next batch), then
+-- deleted; the DELETE repeats the status and age test on the locked row, so the test
+-- and the delete are one step. ON DELETE CASCADE removes their step rows, buffered
+-- events and event keys in the same statement. The row count is the runs deleted.
+WITH candidates AS (
+    SELECT * FROM (
+        SELECT id, updated_at FROM runs
+        WHERE %(completed)s::boolean AND status = 'completed'
+          AND updated_at < %(before)s::bigint
+        ORDER BY updated_at, id LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED) AS c
+    UNION ALL
+    SELECT * FROM (
+        SELECT id, updated_at FROM runs
+        WHERE %(failed)s::boolean AND status = 'failed'
+          AND updated_at < %(before)s::bigint
+        ORDER BY updated_at, id LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED) AS f
+    UNION ALL
+    SELECT * FROM (
+        SELECT id, updated_at FROM runs
+        WHERE %(cancelled)s::boolean AND status = 'cancelled'
+          AND updated_at < %(before)s::bigint
+        ORDER BY updated_at, id LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED) AS x
+),
+chosen AS (SELECT id FROM candidates ORDER BY updated_at, id LIMIT %(limit)s)
+DELETE FROM runs
+USING chosen
+WHERE runs.id = chosen.id
+  AND runs.status IN ('completed', 'failed', 'cancelled')
+  AND runs.updated_at < %(before)s::bigint;
 
 -- name: heartbeat_run
 -- Renews by the length stored at claim, on the server's clock.

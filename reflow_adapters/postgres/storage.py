@@ -2,9 +2,13 @@
 
 Design in brief (the queries themselves are in ``queries.sql``):
 
-* One ``AsyncConnectionPool`` of autocommit connections. A method that is one SQL
-  statement runs as that statement; a method that needs several runs them in one
-  explicit transaction. Either way a failed call leaves nothing half-written.
+* One pool (``pool.py``) of autocommit connections. A method that is one SQL
+  statement runs as that statement, prepared, with no BEGIN/COMMIT and no health-check
+  round trip; a method that needs several runs them in one explicit transaction (sent
+  as one pipeline where no answer decides the next statement). Either way a failed
+  call leaves nothing half-written. A connection lost mid-call fails that call; an
+  idempotent one (reads, claims, heartbeats) is retried once on a fresh connection,
+  and lease-checked writes are retried by the engine, which asks whether they landed.
 * The adapter's schema is every connection's ``search_path`` (a ``-c`` option in the
   conninfo), so ``queries.sql`` is schema-agnostic and readable. Schema names are
   restricted to lowercase identifiers, which makes that option safe without quoting.
@@ -33,12 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import re
-import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
 from typing import Any, LiteralString
 
 import psycopg
-import psycopg_pool
 from psycopg import AsyncConnection, sql
 from psycopg.adapt import AdaptersMap
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -56,8 +58,9 @@ from reflow_core.identifiers import (
     check_step,
     is_identifier,
 )
+from reflow_core.migrations import SchemaStatus
 from reflow_core.schedule import next_fire_time
-from reflow_core.storage import Clock
+from reflow_core.storage import Clock, check_limit, check_purge_args
 from reflow_core.types import (
     ClaimedRun,
     ClaimedSchedule,
@@ -74,8 +77,10 @@ from reflow_core.types import (
     WorkflowRun,
 )
 
+from . import admin
 from .conninfo import advisory_key, split_dsn, with_schema_param
 from .notify import listen
+from .pool import ConnectionPool, PoolTimeout
 from .records import (
     dump_error,
     dump_holder,
@@ -90,14 +95,37 @@ from .sql import migrations, queries
 
 __all__ = ["PostgresStorage"]
 
+_MAX_BIGINT = 2**63 - 1
+"""The bound of a listing's first page (see list_runs in queries.sql)."""
 _RACE_RETRIES = 3
 """How often a statement that lost an insert race on a secondary unique index is retried."""
 
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,49}")
-# What a call may raise when the server, the network or the pool fails. PoolTimeout and
-# PoolClosed derive from psycopg.OperationalError; listed for the reader.
-_DRIVER_ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout, OSError)
+# What a call may raise when the server, the network or the pool fails. The pool's
+# errors derive from psycopg.OperationalError.
+_DRIVER_ERRORS = (psycopg.Error, OSError)
+_CONNECT_TIMEOUT_S = 5
+"""libpq's connect_timeout unless the DSN sets one: a replacement connection after churn
+must fail fast, not hang on an unreachable server."""
+
+
+AsyncCursorRows = tuple[list[DictRow], int]
+"""A statement's rows (empty if it returns none) and its row count."""
+
+
+def _connection_lost(exc: StorageError) -> bool:
+    """``True`` if the call failed because its connection died (terminated backend,
+    restart, network), not because of the statement or a pool timeout."""
+    cause = exc.__cause__
+    if isinstance(cause, OSError):
+        return True
+    if isinstance(cause, PoolTimeout):
+        return False
+    if isinstance(cause, psycopg.errors.AdminShutdown | psycopg.errors.CrashShutdown):
+        return True
+    # libpq's own failures (socket closed, connection closed) carry no SQLSTATE.
+    return isinstance(cause, psycopg.OperationalError) and cause.sqlstate is None
 
 
 class _KeptFinalRow(Exception):
@@ -159,6 +187,7 @@ class PostgresStorage:
             base_dsn,
             options=options,
             application_name=str(params.get("application_name") or f"reflow:{self.schema}"),
+            connect_timeout=str(params.get("connect_timeout") or _CONNECT_TIMEOUT_S),
         )
         self.url: str | None = with_schema_param(base_dsn, self.schema)
         self.channel = f"{self.schema}_work"
@@ -169,7 +198,7 @@ class PostgresStorage:
         # json columns load as their exact text; the codec, not psycopg, decodes them.
         self._adapters = AdaptersMap(psycopg.adapters)
         self._adapters.register_loader("json", TextLoader)
-        self._pool: psycopg_pool.AsyncConnectionPool[AsyncConnection[DictRow]] | None = None
+        self._pool: ConnectionPool[AsyncConnection[DictRow]] | None = None
         self._closed = False
         self._listeners: set[AsyncConnection[Any]] = set()
 
@@ -194,8 +223,7 @@ class PostgresStorage:
         """A pooled connection, in a transaction if asked. A broken connection is
         discarded by the pool on return, and the next call gets a fresh one."""
         if self._pool is None:
-            state = "closed" if self._closed else "not initialized; call initialize() first"
-            raise StorageError(operation, f"the PostgreSQL adapter is {state}")
+            raise self._unavailable(operation)
         with self._translated(operation):
             async with self._pool.connection() as conn:
                 if transaction:
@@ -204,25 +232,77 @@ class PostgresStorage:
                 else:
                     yield conn
 
+    async def _once_more(
+        self,
+        operation: str,
+        query: LiteralString,
+        params: Mapping[str, Any],
+        *,
+        idempotent: bool,
+    ) -> AsyncCursorRows:
+        """Run one statement (prepared) in autocommit; if it is ``idempotent`` and its
+        connection was lost, run it once more on a fresh connection.
+
+        Only idempotent statements are retried here: a write whose answer was lost may
+        have committed, and the engine retries those itself, asking whether the first
+        attempt landed (see ``execution/run.py``). A second loss is reported.
+        """
+        for attempt in (1, 2):
+            # The hot path: the pool is used directly, without _connection's layers.
+            pool = self._pool
+            if pool is None:
+                raise self._unavailable(operation)
+            try:
+                with self._translated(operation):
+                    conn = await pool.acquire()
+                    try:
+                        cur = await conn.execute(query, params, prepare=True)
+                        rows = await cur.fetchall() if cur.description is not None else []
+                        return rows, cur.rowcount
+                    finally:
+                        pool.release(conn)
+            except StorageError as exc:
+                if attempt == 2 or not idempotent or not _connection_lost(exc):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _unavailable(self, operation: str) -> StorageError:
+        state = "closed" if self._closed else "not initialized; call initialize() first"
+        return StorageError(operation, f"the PostgreSQL adapter is {state}")
+
     async def _fetch_one(
-        self, operation: str, query: LiteralString, params: Mapping[str, Any]
+        self,
+        operation: str,
+        query: LiteralString,
+        params: Mapping[str, Any],
+        *,
+        idempotent: bool = False,
     ) -> DictRow | None:
-        async with self._connection(operation) as conn:
-            cur = await conn.execute(query, params)
-            return await cur.fetchone()
+        rows, _ = await self._once_more(operation, query, params, idempotent=idempotent)
+        return rows[0] if rows else None
 
     async def _fetch_all(
-        self, operation: str, query: LiteralString, params: Mapping[str, Any]
+        self,
+        operation: str,
+        query: LiteralString,
+        params: Mapping[str, Any],
+        *,
+        idempotent: bool = False,
     ) -> list[DictRow]:
-        async with self._connection(operation) as conn:
-            cur = await conn.execute(query, params)
-            return await cur.fetchall()
+        rows, _ = await self._once_more(operation, query, params, idempotent=idempotent)
+        return rows
 
-    async def _write(self, operation: str, query: LiteralString, params: Mapping[str, Any]) -> bool:
+    async def _write(
+        self,
+        operation: str,
+        query: LiteralString,
+        params: Mapping[str, Any],
+        *,
+        idempotent: bool = False,
+    ) -> bool:
         """One statement; ``True`` if it touched a row."""
-        async with self._connection(operation) as conn:
-            cur = await conn.execute(query, params)
-            return cur.rowcount > 0
+        _, touched = await self._once_more(operation, query, params, idempotent=idempotent)
+        return touched > 0
 
     def _now(self) -> int | None:
         """The ``%(now)s`` parameter: ``None`` (the server's clock decides) unless a
@@ -230,7 +310,7 @@ class PostgresStorage:
         return None if self._clock is None else self._clock()
 
     async def _notify(self, conn: AsyncConnection[DictRow]) -> None:
-        await conn.execute(_q("notify_work"), {"channel": self.channel})
+        await conn.execute(_q("notify_work"), {"channel": self.channel}, prepare=True)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -244,24 +324,20 @@ class PostgresStorage:
             raise StorageError("initialize", "the PostgreSQL adapter is closed")
         if self._pool is not None:
             return
-        pool = psycopg_pool.AsyncConnectionPool(
+        # A connection killed while idle (server restart, failover, a terminated
+        # backend) is noticed and replaced at checkout without a round trip: see pool.py.
+        pool: ConnectionPool[AsyncConnection[DictRow]] = ConnectionPool(
             self._conninfo,
-            connection_class=AsyncConnection[DictRow],
+            connection_class=AsyncConnection,
             kwargs={"autocommit": True, "row_factory": dict_row, "context": self._adapters},
             min_size=self._min_size,
             max_size=self._max_size,
-            open=False,
-            # Probe each connection before handing it out, so one killed by a server
-            # restart or failover is replaced instead of failing the next call.
-            check=psycopg_pool.AsyncConnectionPool.check_connection,
-            name=f"reflow:{self.schema}",
         )
         try:
             with self._translated("initialize"):
-                # One direct connection first: a wrong DSN or a server that is down fails
-                # here at once with libpq's message, not after the pool's 30 s timeout.
-                await (await AsyncConnection.connect(self._conninfo)).close()
-                await pool.open(wait=True)
+                # A wrong DSN or a server that is down fails here at once, with libpq's
+                # message.
+                await pool.open()
         except StorageError:
             await pool.close()
             raise
@@ -327,10 +403,29 @@ class PostgresStorage:
 
     async def now(self) -> int:
         """The server's current time in epoch milliseconds (or the test clock's)."""
-        row = await self._fetch_one("now", _q("now"), {"now": self._now()})
+        row = await self._fetch_one("now", _q("now"), {"now": self._now()}, idempotent=True)
         if row is None:  # pragma: no cover - a SELECT of one value returns one row
             raise StorageError("now", "the server returned no time")
         return int(row["now"])
+
+    # -- schema administration (reflow_core.migrations.MigratableStorage) -------------
+
+    async def connect(self) -> None:
+        """Open the pool like :meth:`initialize`, but create and migrate nothing: a schema
+        that does not exist stays absent. Idempotent; :meth:`initialize` may follow."""
+        await self._open_pool()
+
+    async def schema_status(self) -> SchemaStatus:
+        """The schema's applied migrations, read from the catalogs only (connects the
+        pool if needed); a schema that does not exist answers ``exists=False``."""
+        await self._open_pool()
+        async with self._connection("schema_status") as conn:
+            return await admin.read_status(conn, self.schema)
+
+    def migration_sql(self, from_version: int = 0) -> str:
+        """The script :meth:`initialize` would run on this schema at ``from_version`` (one
+        transaction, creating the schema if needed); empty when nothing is pending."""
+        return admin.migration_sql(self.schema, from_version)
 
     # -- runs -------------------------------------------------------------------------
 
@@ -357,11 +452,16 @@ class PostgresStorage:
             "lease_expires_at": run.lease_expires_at,
             "holder": dump_holder(run.holder),
         }
-        async with self._connection("create_run", transaction=True) as conn:
-            cur = await conn.execute(_q("insert_run"), params)
-            row = await cur.fetchone()
+        async with self._connection("create_run") as conn:
+            # One round trip: BEGIN, INSERT, NOTIFY and COMMIT go out together. An
+            # insert that lost to an existing idempotency key notifies too; a spurious
+            # wake-up costs a worker one empty claim.
+            async with conn.pipeline():
+                async with conn.transaction():
+                    cur = await conn.execute(_q("insert_run"), params, prepare=True)
+                    await self._notify(conn)
+                row = await cur.fetchone()
             if row is not None:
-                await self._notify(conn)
                 return CreateRunResult(to_run(row), created=True)
             # ON CONFLICT waited for any concurrent inserter to commit, and this new
             # statement's snapshot sees its row.
@@ -374,7 +474,7 @@ class PostgresStorage:
     async def get_run(self, run_id: str) -> WorkflowRun | None:
         """The run, or ``None``."""
         check_identifier(run_id, "run id")
-        row = await self._fetch_one("get_run", _q("get_run"), {"id": run_id})
+        row = await self._fetch_one("get_run", _q("get_run"), {"id": run_id}, idempotent=True)
         return None if row is None else to_run(row)
 
     async def list_runs(self, filter: RunFilter) -> list[WorkflowRun]:
@@ -383,14 +483,24 @@ class PostgresStorage:
             check_identifier(filter.workflow, "workflow name")
         if filter.before_id is not None:
             check_identifier(filter.before_id, "run id")
+        status = None if filter.status is None else RunStatus(filter.status).value
+        if status is not None and filter.workflow is not None:
+            name = "list_runs_by_workflow_and_status"
+        elif status is not None:
+            name = "list_runs_by_status"
+        elif filter.workflow is not None:
+            name = "list_runs_by_workflow"
+        else:
+            name = "list_runs"
         params = {
-            "status": None if filter.status is None else RunStatus(filter.status).value,
+            "status": status,
             "workflow": filter.workflow,
-            "before": filter.before,
-            "before_id": filter.before_id,
+            # Always a row bound (see queries.sql): "" sorts before every id.
+            "before": _MAX_BIGINT if filter.before is None else filter.before,
+            "before_id": "" if filter.before is None else (filter.before_id or ""),
             "limit": max(filter.limit, 0),
         }
-        rows = await self._fetch_all("list_runs", _q("list_runs"), params)
+        rows = await self._fetch_all("list_runs", _q(name), params, idempotent=True)
         return [to_run(row) for row in rows]
 
     async def claim_next_run(
@@ -402,21 +512,73 @@ class PostgresStorage:
     ) -> ClaimedRun | None:
         """Claim the oldest claimable run in one ``UPDATE ... FOR UPDATE SKIP LOCKED``;
         staleness is ``lease_expires_at <= now`` on the server's clock."""
+        claimed = await self._claim("claim_next_run", workflow_names, lease_ms, holder, 1)
+        return claimed[0] if claimed else None
+
+    async def claim_runs(
+        self,
+        workflow_names: Collection[str],
+        *,
+        lease_ms: int,
+        holder: LeaseHolder | None = None,
+        limit: int,
+    ) -> list[ClaimedRun]:
+        """Claim up to ``limit`` runs, oldest first, in one statement (``FOR UPDATE SKIP
+        LOCKED ... LIMIT n`` per workflow and kind)."""
+        check_limit(limit, "claim_runs")
+        return await self._claim("claim_runs", workflow_names, lease_ms, holder, limit)
+
+    async def _claim(
+        self,
+        operation: str,
+        workflow_names: Collection[str],
+        lease_ms: int,
+        holder: LeaseHolder | None,
+        limit: int,
+    ) -> list[ClaimedRun]:
         check_names(workflow_names)
         check_holder(holder)
         names = list(workflow_names)
         if not names:
-            return None
-        lease_id = str(uuid.uuid4())
+            return []
         params = {
             "names": names,
-            "lease_id": lease_id,
+            "limit": limit,
             "lease_ms": lease_ms,
             "holder": dump_holder(holder),
             "now": self._now(),
         }
-        row = await self._fetch_one("claim_next_run", _q("claim_next_run"), params)
-        return None if row is None else ClaimedRun(to_run(row), lease_id)
+        # Retried on a lost connection: a claim whose answer was lost leaves that run
+        # leased to nobody until its lease ends, retried or not; the retry claims others.
+        rows = await self._fetch_all(operation, _q("claim_runs"), params, idempotent=True)
+        claimed = [ClaimedRun(to_run(row), row["lease_id"]) for row in rows]
+        if len(claimed) > 1:
+            # RETURNING has no order; str order is code point order, as COLLATE "C".
+            claimed.sort(key=lambda c: (c.run.created_at, c.run.id))
+        return claimed
+
+    async def purge_runs(
+        self,
+        *,
+        finished_before: int,
+        limit: int,
+        statuses: Collection[RunStatus] | None = None,
+    ) -> int:
+        """Delete up to ``limit`` finished runs last updated before ``finished_before``,
+        oldest first, with their steps, events and event keys, in one statement."""
+        chosen = check_purge_args(finished_before, limit, statuses)
+        if not chosen:
+            return 0
+        params = {
+            "before": finished_before,
+            "limit": limit,
+            "completed": RunStatus.COMPLETED in chosen,
+            "failed": RunStatus.FAILED in chosen,
+            "cancelled": RunStatus.CANCELLED in chosen,
+        }
+        async with self._connection("purge_runs") as conn:
+            cur = await conn.execute(_q("purge_runs"), params)
+            return max(cur.rowcount, 0)
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
         """Renew a held lease by its stored length, from the server's now."""
@@ -424,7 +586,7 @@ class PostgresStorage:
         if not is_identifier(lease_id):
             return False  # never issued, so never held
         params = {"id": run_id, "lease_id": lease_id, "now": self._now()}
-        return await self._write("heartbeat_run", _q("heartbeat_run"), params)
+        return await self._write("heartbeat_run", _q("heartbeat_run"), params, idempotent=True)
 
     async def sleep_run(self, run_id: str, lease_id: str, wake_at: int) -> bool:
         """Held run to sleeping; notifies so idle workers recompute their next wake time."""
@@ -508,12 +670,15 @@ class PostgresStorage:
             "error": dump_error(error),
             "now": self._now(),
         }
+        if status != RunStatus.PENDING:  # nothing to announce: one autocommit statement
+            return await self._write(
+                "update_claimed_run_status", _q("update_claimed_run_status"), params
+            )
         async with self._connection("update_claimed_run_status", transaction=True) as conn:
             cur = await conn.execute(_q("update_claimed_run_status"), params)
             if cur.rowcount == 0:
                 return False
-            if status == RunStatus.PENDING:
-                await self._notify(conn)
+            await self._notify(conn)
             return True
 
     async def requeue_run(self, run_id: str) -> bool:
@@ -579,7 +744,9 @@ class PostgresStorage:
     async def get_step_results(self, run_id: str) -> list[StepResult]:
         """The run's steps by ``(created_at, id)``."""
         check_identifier(run_id, "run id")
-        rows = await self._fetch_all("get_step_results", _q("get_step_results"), {"run_id": run_id})
+        rows = await self._fetch_all(
+            "get_step_results", _q("get_step_results"), {"run_id": run_id}, idempotent=True
+        )
         return [to_step(row) for row in rows]
 
     # -- events -----------------------------------------------------------------------
@@ -628,9 +795,7 @@ class PostgresStorage:
         check_identifier(event_name, "event name")
         params = {"id": run_id, "event_name": event_name}
         row = await self._fetch_one("take_event", _q("take_event"), params)
-        return (
-            None if row is None else EventRecord(load_value(row["payload"]), row["delivered_at"])
-        )
+        return None if row is None else EventRecord(load_value(row["payload"]), row["delivered_at"])
 
     async def consume_event(
         self, event_name: str, checkpoint: StepResult, lease_id: str
@@ -744,5 +909,5 @@ class PostgresStorage:
 
     async def list_schedules(self) -> list[Schedule]:
         """All schedules by key."""
-        rows = await self._fetch_all("list_schedules", _q("list_schedules"), {})
+        rows = await self._fetch_all("list_schedules", _q("list_schedules"), {}, idempotent=True)
         return [to_schedule(row) for row in rows]

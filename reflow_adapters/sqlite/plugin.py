@@ -16,7 +16,7 @@ __all__ = ["make_storage", "reflow_adapters"]
 def make_storage(url: str | None = None, **options: Any) -> SQLiteStorage:
     """``sqlite:///relative.db``, ``sqlite:////abs/path.db``, ``sqlite://`` (memory).
 
-    Options: ``path``, ``clock``, ``busy_timeout_ms``, ``synchronous``. No I/O.
+    Options: ``path``, ``clock``, ``busy_timeout_ms``, ``synchronous``, ``watch_ms``. No I/O.
     """
     path, arguments = storage_arguments(url, "sqlite", options)
     return SQLiteStorage(path, **arguments)
@@ -31,7 +31,12 @@ def reflow_adapters() -> list[AdapterSpec]:
             factory=make_storage,
             schemes=("sqlite",),
             capabilities=frozenset(
-                {Capability.DURABLE, Capability.CROSS_PROCESS, Capability.THREADS}
+                {
+                    Capability.DURABLE,
+                    Capability.CROSS_PROCESS,
+                    Capability.THREADS,
+                    Capability.NOTIFY,
+                }
             ),
             conformance_factory=_conformance_storage,
             description="SQLite file through the standard library's sqlite3 (the default)",

@@ -23,6 +23,8 @@
 --                     so a repeated key stores nothing; FK to reflow_runs, cascading.
 --   reflow_schedules  one row per schedule key; recurrence is msgspec JSON of Recurrence,
 --                     compared as text to decide whether next_run_at is kept.
+--   reflow_work_signal  one row: a counter every write that may make a run claimable
+--                     bumps, read by other processes' wake-up watch (notify.py).
 --   reflow_schema_version  one row per applied migration (the highest is the version).
 --
 -- Queries returning runs, steps or schedules list the columns in the order rows.py reads
@@ -70,43 +72,73 @@ SELECT id, workflow, input, status, idempotency_key, output, error,
 FROM reflow_runs
 WHERE id = :run_id
 
--- name: claim_next_run
--- The oldest of three candidates, each found through its own index: the oldest pending
--- run (reflow_runs_status, in (created_at, id) order), the oldest running run whose
--- lease has expired by the store's clock (reflow_runs_lease: only running runs have a
--- lease_expires_at, so the range holds just the expired leases, usually none, however
--- many runs are running; those few are sorted), and the oldest sleeping or waiting run
--- whose wake time has passed (reflow_runs_wake: only suspended runs have a wake_at).
--- INDEXED BY pins those plans: without statistics, some SQLite versions otherwise scan
--- every run. SET expressions read the old row, so "status = 'running'" there is 1 for a
--- takeover of an expired lease. Runs inside BEGIN IMMEDIATE, so no writer interleaves.
+-- name: claim_candidates
+-- The oldest claimable runs of ONE workflow, up to :limit of each kind, each kind found
+-- through an index that leads with the workflow, so runs of other workflows are never
+-- read: pending runs through reflow_runs_claim in (created_at, id) order (the first
+-- :limit rows of the range, nothing else); running runs whose lease has expired by the
+-- store's clock through reflow_runs_lease (only running runs have a lease_expires_at,
+-- so the range holds just the expired leases, usually none; those few are sorted); and
+-- sleeping or waiting runs whose wake time has passed through reflow_runs_wake (only
+-- suspended runs have a wake_at). ops.claim_runs runs this once per named workflow,
+-- merges the answers by (created_at, id) and claims the first :limit with claim_run.
+-- INDEXED BY pins those plans: without statistics, some SQLite versions otherwise scan.
+SELECT created_at, id FROM (
+    SELECT created_at, id FROM reflow_runs INDEXED BY reflow_runs_claim
+    WHERE workflow = :workflow AND status = 'pending'
+    ORDER BY created_at, id LIMIT :limit)
+UNION ALL
+SELECT created_at, id FROM (
+    SELECT created_at, id FROM reflow_runs INDEXED BY reflow_runs_lease
+    WHERE workflow = :workflow AND lease_expires_at <= :now AND status = 'running'
+    ORDER BY created_at, id LIMIT :limit)
+UNION ALL
+SELECT created_at, id FROM (
+    SELECT created_at, id FROM reflow_runs INDEXED BY reflow_runs_wake
+    WHERE workflow = :workflow AND wake_at <= :now AND status IN ('sleeping', 'waiting')
+    ORDER BY created_at, id LIMIT :limit)
+
+-- name: claim_candidates_many
+-- claim_candidates for a long list of workflows (ops.MANY_NAMES or more) in one
+-- statement: json_each walks the names and each is looked up through the same indexes,
+-- so runs of workflows not named are still never read. Unlike the per-name query it
+-- reads every pending run of the named workflows before taking the oldest :limit, which
+-- is why a short list (the usual engine: a few workflows) is asked name by name.
+SELECT created_at, id FROM (
+    SELECT r.created_at, r.id
+    FROM json_each(:workflow_names) AS j
+    JOIN reflow_runs AS r INDEXED BY reflow_runs_claim
+      ON r.workflow = j.value AND r.status = 'pending'
+    ORDER BY r.created_at, r.id LIMIT :limit)
+UNION ALL
+SELECT created_at, id FROM (
+    SELECT r.created_at, r.id
+    FROM json_each(:workflow_names) AS j
+    JOIN reflow_runs AS r INDEXED BY reflow_runs_lease
+      ON r.workflow = j.value AND r.lease_expires_at <= :now AND r.status = 'running'
+    ORDER BY r.created_at, r.id LIMIT :limit)
+UNION ALL
+SELECT created_at, id FROM (
+    SELECT r.created_at, r.id
+    FROM json_each(:workflow_names) AS j
+    JOIN reflow_runs AS r INDEXED BY reflow_runs_wake
+      ON r.workflow = j.value AND r.wake_at <= :now AND r.status IN ('sleeping', 'waiting')
+    ORDER BY r.created_at, r.id LIMIT :limit)
+
+-- name: claim_run
+-- Claims one run chosen by claim_candidates in the same writer job (inside BEGIN
+-- IMMEDIATE, so no writer interleaves); the claimability test is repeated so the write
+-- can never take a run that is not claimable. SET expressions read the old row, so
+-- "status = 'running'" there is 1 for a takeover of an expired lease.
 UPDATE reflow_runs
 SET status = 'running', lease_id = :lease_id, claimed_at = :now, heartbeat_at = :now,
     lease_ms = :lease_ms, lease_expires_at = :now + :lease_ms, holder = :holder,
     wake_at = NULL, waiting_for = NULL, attempt = attempt + 1,
     recoveries = recoveries + (status = 'running'), updated_at = :now
-WHERE id = (
-    SELECT id FROM (
-        SELECT * FROM (
-            SELECT id, created_at FROM reflow_runs INDEXED BY reflow_runs_status
-            WHERE status = 'pending'
-              AND EXISTS (SELECT 1 FROM json_each(:workflow_names) WHERE value = workflow)
-            ORDER BY created_at, id LIMIT 1)
-        UNION ALL
-        SELECT * FROM (
-            SELECT id, created_at FROM reflow_runs INDEXED BY reflow_runs_lease
-            WHERE lease_expires_at <= :now AND status = 'running'
-              AND EXISTS (SELECT 1 FROM json_each(:workflow_names) WHERE value = workflow)
-            ORDER BY created_at, id LIMIT 1)
-        UNION ALL
-        SELECT * FROM (
-            SELECT id, created_at FROM reflow_runs INDEXED BY reflow_runs_wake
-            WHERE wake_at <= :now AND status IN ('sleeping', 'waiting')
-              AND EXISTS (SELECT 1 FROM json_each(:workflow_names) WHERE value = workflow)
-            ORDER BY created_at, id LIMIT 1)
-    )
-    ORDER BY created_at, id LIMIT 1
-)
+WHERE id = :id
+  AND (status = 'pending'
+       OR (status = 'running' AND lease_expires_at <= :now)
+       OR (status IN ('sleeping', 'waiting') AND wake_at <= :now))
 RETURNING id, workflow, input, status, idempotency_key, output, error,
           wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at,
           recoveries, claimed_at, lease_ms, lease_expires_at, holder
@@ -169,6 +201,34 @@ SET status = 'pending', output = NULL, error = NULL, lease_id = NULL, claimed_at
     waiting_for = NULL, recoveries = 0, updated_at = :now
 WHERE id = :run_id AND status IN ('failed', 'cancelled')
 
+-- name: purge_runs
+-- The oldest :limit finished runs with updated_at < :before among the statuses whose
+-- flag (:completed, :failed, :cancelled: 1 or 0) is set, each status read through its
+-- own partial index, then deleted in one statement: the status test and the delete
+-- are one step. ON DELETE CASCADE removes their step rows, buffered events and event
+-- keys in the same statement (every connection sets foreign_keys = ON). changes()
+-- counts only the runs.
+DELETE FROM reflow_runs
+WHERE id IN (
+    SELECT id FROM (
+        SELECT * FROM (
+            SELECT updated_at, id FROM reflow_runs INDEXED BY reflow_runs_completed
+            WHERE :completed AND status = 'completed' AND updated_at < :before
+            ORDER BY updated_at, id LIMIT :limit)
+        UNION ALL
+        SELECT * FROM (
+            SELECT updated_at, id FROM reflow_runs INDEXED BY reflow_runs_failed
+            WHERE :failed AND status = 'failed' AND updated_at < :before
+            ORDER BY updated_at, id LIMIT :limit)
+        UNION ALL
+        SELECT * FROM (
+            SELECT updated_at, id FROM reflow_runs INDEXED BY reflow_runs_cancelled
+            WHERE :cancelled AND status = 'cancelled' AND updated_at < :before
+            ORDER BY updated_at, id LIMIT :limit)
+    )
+    ORDER BY updated_at, id LIMIT :limit
+)
+
 -- name: delete_failed_steps
 DELETE FROM reflow_steps WHERE run_id = :run_id AND status = 'failed'
 
@@ -202,7 +262,7 @@ ORDER BY created_at DESC, id DESC LIMIT :limit
 SELECT id, workflow, input, status, idempotency_key, output, error,
        wake_at, waiting_for, heartbeat_at, attempt, created_at, updated_at,
        recoveries, claimed_at, lease_ms, lease_expires_at, holder
-FROM reflow_runs INDEXED BY reflow_runs_workflow
+FROM reflow_runs INDEXED BY reflow_runs_claim
 WHERE workflow = :workflow AND status = :status AND (created_at, id) < (:before, :before_id)
 ORDER BY created_at DESC, id DESC LIMIT :limit
 
@@ -307,6 +367,13 @@ WHERE id = :run_id AND status = 'running' AND lease_id = :lease_id
 
 -- name: get_step_identity
 SELECT run_id, name FROM reflow_steps WHERE id = :id
+
+-- name: signal_work
+-- In the transaction of a write that may have made a run claimable (see ops.py).
+UPDATE reflow_work_signal SET seq = seq + 1 WHERE id = 1
+
+-- name: work_signal
+SELECT seq FROM reflow_work_signal WHERE id = 1
 
 -- name: delete_schedule
 DELETE FROM reflow_schedules WHERE key = :key

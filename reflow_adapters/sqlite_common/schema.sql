@@ -31,9 +31,17 @@ CREATE UNIQUE INDEX reflow_runs_idempotency
 CREATE INDEX reflow_runs_newest ON reflow_runs (created_at, id);
 CREATE INDEX reflow_runs_status ON reflow_runs (status, created_at, id);
 CREATE INDEX reflow_runs_workflow ON reflow_runs (workflow, created_at, id);
-CREATE INDEX reflow_runs_wake ON reflow_runs (wake_at) WHERE wake_at IS NOT NULL;
-CREATE INDEX reflow_runs_lease ON reflow_runs (lease_expires_at)
+CREATE INDEX reflow_runs_claim ON reflow_runs (workflow, status, created_at, id);
+CREATE INDEX reflow_runs_wake ON reflow_runs (workflow, wake_at)
+    WHERE wake_at IS NOT NULL;
+CREATE INDEX reflow_runs_lease ON reflow_runs (workflow, lease_expires_at)
     WHERE lease_expires_at IS NOT NULL;
+CREATE INDEX reflow_runs_completed ON reflow_runs (updated_at, id)
+    WHERE status = 'completed';
+CREATE INDEX reflow_runs_failed ON reflow_runs (updated_at, id)
+    WHERE status = 'failed';
+CREATE INDEX reflow_runs_cancelled ON reflow_runs (updated_at, id)
+    WHERE status = 'cancelled';
 
 CREATE TABLE reflow_steps (
     id         TEXT PRIMARY KEY NOT NULL,
@@ -76,3 +84,9 @@ CREATE TABLE reflow_schedules (
 );
 
 CREATE INDEX reflow_schedules_due ON reflow_schedules (next_run_at, key);
+
+CREATE TABLE reflow_work_signal (
+    id  INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
+    seq INTEGER NOT NULL
+);
+INSERT INTO reflow_work_signal (id, seq) VALUES (1, 0);

@@ -35,16 +35,16 @@ import asyncio
 import concurrent.futures
 import functools
 import os
-import uuid
 import weakref
 from collections.abc import Callable, Collection
 from typing import Any, ClassVar, TypeVar, cast
 
 import msgspec
 
-from reflow_adapters.sqlite_common import migrate, ops
+from reflow_adapters.sqlite_common import admin, migrate, ops
 from reflow_adapters.sqlite_common.driver import Connection, Driver
 from reflow_adapters.sqlite_common.files import DatabaseFiles
+from reflow_adapters.sqlite_common.notify import DEFAULT_WATCH_MS, watch_data_version
 from reflow_adapters.sqlite_common.rows import (
     error_text,
     holder_text,
@@ -65,7 +65,8 @@ from reflow_core.identifiers import (
     check_step,
     is_identifier,
 )
-from reflow_core.storage import Clock, system_clock
+from reflow_core.migrations import SchemaStatus
+from reflow_core.storage import Clock, check_limit, check_purge_args, system_clock
 from reflow_core.types import (
     ClaimedRun,
     ClaimedSchedule,
@@ -122,6 +123,10 @@ class SQLiteStorageBase:
     url: str | None
     """``<scheme>:///<path>`` for a file; ``None`` for ``:memory:`` (nothing to share)."""
 
+    _unmigrated: bool = False
+    """Set by :meth:`connect`: the writer opened the file without migrating it, so a
+    later :meth:`initialize` still has to."""
+
     def __init__(
         self,
         path: str | os.PathLike[str] = MEMORY,
@@ -129,12 +134,16 @@ class SQLiteStorageBase:
         clock: Clock | None = None,
         busy_timeout_ms: int = 5000,
         synchronous: str = "FULL",
+        watch_ms: int = DEFAULT_WATCH_MS,
     ) -> None:
         self._path = os.fspath(path)
         if not self._path:
             raise ConfigError("a SQLite path is needed (':memory:' for an in-memory database)")
         if not isinstance(busy_timeout_ms, int) or busy_timeout_ms < 0:
             raise ConfigError(f"busy_timeout_ms must be an int >= 0, got {busy_timeout_ms!r}")
+        if isinstance(watch_ms, bool) or not isinstance(watch_ms, int) or watch_ms < 1:
+            raise ConfigError(f"watch_ms must be an int >= 1, got {watch_ms!r}")
+        self._watch_ms = watch_ms
         self._synchronous = migrate.check_synchronous(synchronous)
         self._busy_timeout_ms = busy_timeout_ms
         self._clock: Clock = clock or system_clock
@@ -159,6 +168,12 @@ class SQLiteStorageBase:
             raise self._health.error("initialize")
         if self._writer is not None:
             await asyncio.wrap_future(self._writer.ready)
+            if self._unmigrated:
+                await asyncio.to_thread(
+                    admin.migrate_file, self.driver, self._path,
+                    busy_timeout_ms=self._busy_timeout_ms, now=self._clock(),
+                )  # fmt: skip
+                self._unmigrated = False
             return
         migrate.check_version(self.driver)
         self._writer = self._start(self._setup_writer, transactional=True, role="writer")
@@ -194,6 +209,8 @@ class SQLiteStorageBase:
             wal=not self._in_memory,
             retry=functools.partial(retry_busy, self.driver),
         )
+        if self._unmigrated:
+            return
         now = self._clock()
         retry_busy(self.driver, lambda: migrate.migrate(conn, now))
 
@@ -242,6 +259,39 @@ class SQLiteStorageBase:
             "largest_batch": stats.largest_batch,
         }
 
+    # -- schema administration (reflow_core.migrations.MigratableStorage) --------
+
+    async def connect(self) -> None:
+        """Open connections and set pragmas like :meth:`initialize`, but migrate nothing.
+
+        Idempotent. A file that does not exist is not created: :class:`StorageError`. A
+        private ``:memory:`` database, which nobody else can see, is created at the latest
+        version as :meth:`initialize` does. :meth:`initialize` may still follow, to migrate.
+        """
+        if self._writer is not None and not self._closed:
+            await asyncio.wrap_future(self._writer.ready)
+            return
+        if not self._in_memory and not self._closed:
+            await asyncio.to_thread(admin.require_file, self._path, self.url)
+            self._unmigrated = True
+        try:
+            await self.initialize()
+        except BaseException:
+            self._unmigrated = False
+            raise
+
+    async def schema_status(self) -> SchemaStatus:
+        """The file's applied migrations, read through a read-only connection of its own:
+        a missing file is not created (``exists=False``) and nothing is locked."""
+        if self._in_memory:
+            return admin.memory_status()
+        return await asyncio.to_thread(admin.read_status, self._path)
+
+    def migration_sql(self, from_version: int = 0) -> str:
+        """The script :meth:`initialize` would run on a file at ``from_version`` (one
+        ``BEGIN IMMEDIATE`` transaction); empty when nothing is pending."""
+        return admin.migration_sql(from_version)
+
     # -- plumbing ---------------------------------------------------------------
 
     def _worker(self, operation: str, *, scan: bool) -> Worker:
@@ -265,11 +315,27 @@ class SQLiteStorageBase:
         worker.submit(Job(operation, fn, loop, future))
         return cast(T, await future)
 
-    async def _changed(self, operation: str, query: str, **params: Any) -> bool:
-        """A single-row write through the named query; True if a row changed."""
+    async def _changed(
+        self, operation: str, query: str, *, signal: bool = False, **params: Any
+    ) -> bool:
+        """A single-row write through the named query; True if a row changed. With
+        ``signal``, a change also wakes other processes' watches (``notify.py``)."""
         return await self._call(
-            operation, functools.partial(ops.changed, query=query, params=params)
+            operation,
+            functools.partial(ops.changed, query=query, params=params, signal=signal),
         )
+
+    async def listen_for_work(self, on_work: Callable[[], None]) -> None:
+        """Call ``on_work`` soon after another connection (another process, or another
+        handle on the file) commits, until cancelled: a watch on ``PRAGMA data_version``
+        every ``watch_ms`` (see ``notify.py``). An in-memory database has no other
+        connection, so nothing is ever notified."""
+        if self._closed:
+            raise StorageError("listen_for_work", "the storage is closed")
+        if self._in_memory:
+            await asyncio.get_running_loop().create_future()
+            return
+        await watch_data_version(self.driver, self._path, on_work, period_ms=self._watch_ms)
 
     # -- clock ------------------------------------------------------------------
 
@@ -316,21 +382,47 @@ class SQLiteStorageBase:
         A running run is claimable once its stored ``lease_expires_at`` has passed by
         this adapter's clock; the claim stores ``lease_ms`` and ``holder`` with it.
         """
+        claimed = await self._claim("claim_next_run", workflow_names, lease_ms, holder, 1)
+        return claimed[0] if claimed else None
+
+    async def claim_runs(
+        self,
+        workflow_names: Collection[str],
+        *,
+        lease_ms: int,
+        holder: LeaseHolder | None = None,
+        limit: int,
+    ) -> list[ClaimedRun]:
+        """Claim up to ``limit`` runs, oldest first, each as ``claim_next_run`` would, in
+        one writer job (one transaction)."""
+        check_limit(limit, "claim_runs")
+        return await self._claim("claim_runs", workflow_names, lease_ms, holder, limit)
+
+    async def _claim(
+        self,
+        operation: str,
+        workflow_names: Collection[str],
+        lease_ms: int,
+        holder: LeaseHolder | None,
+        limit: int,
+    ) -> list[ClaimedRun]:
         check_names(workflow_names)
         check_holder(holder)
         if isinstance(lease_ms, bool) or not isinstance(lease_ms, int) or lease_ms < 0:
             raise ValueError(f"lease_ms must be an int >= 0, got {lease_ms!r}")
-        if not workflow_names:
-            return None
+        # Distinct names: each one is an index lookup, and a repeat would only find the
+        # same candidates again.
+        names = list(dict.fromkeys(workflow_names))
+        if not names:
+            return []
         params = {
-            "workflow_names": _names(workflow_names),
             "now": self._clock(),
-            "lease_id": str(uuid.uuid4()),
             "lease_ms": lease_ms,
             "holder": holder_text(holder),
         }
         return await self._call(
-            "claim_next_run", functools.partial(ops.claim_next_run, params=params)
+            operation,
+            functools.partial(ops.claim_runs, workflow_names=names, limit=limit, params=params),
         )
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
@@ -350,6 +442,7 @@ class SQLiteStorageBase:
         return await self._changed(
             "sleep_run",
             "sleep_run",
+            signal=True,  # idle workers elsewhere look again, as on PostgreSQL
             run_id=run_id,
             lease_id=lease_id,
             wake_at=wake_at,
@@ -367,6 +460,7 @@ class SQLiteStorageBase:
         return await self._changed(
             "wait_run",
             "wait_run",
+            signal=True,  # it may have gone straight to pending
             run_id=run_id,
             lease_id=lease_id,
             event_name=event_name,
@@ -379,11 +473,13 @@ class SQLiteStorageBase:
     ) -> bool:
         """Set a status without a lease check; with ``expected``, atomically conditional."""
         check_identifier(run_id, "run id")
+        status = RunStatus(status)
         return await self._changed(
             "update_run_status",
             "update_run_status",
+            signal=status in (RunStatus.PENDING, RunStatus.RUNNING),  # claimable at once
             run_id=run_id,
-            status=RunStatus(status).value,
+            status=status.value,
             expected=None if expected is None else _names([RunStatus(s).value for s in expected]),
             now=self._clock(),
         )
@@ -401,12 +497,14 @@ class SQLiteStorageBase:
         check_identifier(run_id, "run id")
         if not is_identifier(lease_id):
             return False  # never issued, so never held
+        status = RunStatus(status)
         return await self._changed(
             "update_claimed_run_status",
             "update_claimed_run_status",
+            signal=status is RunStatus.PENDING,  # released for any worker
             run_id=run_id,
             lease_id=lease_id,
-            status=RunStatus(status).value,
+            status=status.value,
             output=None if output is None else value_text(output),
             error=error_text(error),
             now=self._clock(),
@@ -419,6 +517,27 @@ class SQLiteStorageBase:
         return await self._call(
             "requeue_run", functools.partial(ops.requeue_run, run_id=run_id, now=self._clock())
         )
+
+    async def purge_runs(
+        self,
+        *,
+        finished_before: int,
+        limit: int,
+        statuses: Collection[RunStatus] | None = None,
+    ) -> int:
+        """Delete up to ``limit`` finished runs last updated before ``finished_before``,
+        oldest first, with their steps, events and event keys (one statement)."""
+        chosen = check_purge_args(finished_before, limit, statuses)
+        if not chosen:
+            return 0
+        params = {
+            "before": finished_before,
+            "limit": limit,
+            "completed": int(RunStatus.COMPLETED in chosen),
+            "failed": int(RunStatus.FAILED in chosen),
+            "cancelled": int(RunStatus.CANCELLED in chosen),
+        }
+        return await self._call("purge_runs", functools.partial(ops.purge_runs, params=params))
 
     # -- steps ------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 ``<scheme>:///relative/path.db``, ``<scheme>:////absolute/path.db``, and ``<scheme>://``
 or ``<scheme>:///:memory:`` for a private in-memory database. Query parameters set
-constructor options: ``?synchronous=NORMAL&busy_timeout_ms=10000``.
+constructor options: ``?synchronous=NORMAL&busy_timeout_ms=10000&watch_ms=5``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from reflow_core.errors import ConfigError
 
 __all__ = ["parse_url", "storage_arguments"]
 
-_OPTIONS = {"synchronous": str, "busy_timeout_ms": int}
+_OPTIONS = {"synchronous": str, "busy_timeout_ms": int, "watch_ms": int}
 
 
 def parse_url(url: str, scheme: str) -> tuple[str, dict[str, Any]]:

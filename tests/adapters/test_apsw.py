@@ -40,7 +40,12 @@ def test_open_storage_resolves_an_apsw_url(tmp_path: Path) -> None:
 def test_plugin_declares_its_adapter(plugin: object, name: str, tmp_path: Path) -> None:
     (spec,) = plugin.reflow_adapters()  # type: ignore[attr-defined]
     assert (spec.name, spec.schemes) == (name, (name,))
-    assert spec.capabilities == {Capability.DURABLE, Capability.CROSS_PROCESS, Capability.THREADS}
+    assert spec.capabilities == {
+        Capability.DURABLE,
+        Capability.CROSS_PROCESS,
+        Capability.THREADS,
+        Capability.NOTIFY,
+    }
     assert spec.conformance_factory is not None
     storage = spec.conformance_factory(tmp_path, {}, clock=lambda: 1234)
     assert storage.url is not None and storage.url.endswith("conformance.db")

@@ -467,9 +467,13 @@ def test_hot_queries_are_served_by_indexes(cls: type[SQLiteStorageBase]) -> None
             "limit": 10,
             "run_id": "r",
             "event_name": "e",
+            "completed": 1,
+            "failed": 1,
+            "cancelled": 1,
         }
         queries = sql.queries()
-        hot = ["claim_next_run", "take_event", "next_due_schedule", "heartbeat_run"]
+        hot = ["claim_candidates", "claim_candidates_many", "claim_run", "purge_runs"]
+        hot += ["take_event", "next_due_schedule", "heartbeat_run"]
         hot += ["insert_event", "event_key_seen", "may_consume", "save_step_result"]
         for name in hot + [n for n in queries if n.startswith("list_runs")]:
             # Parameters the base set does not name (values to write) are bound as NULL.
@@ -477,13 +481,25 @@ def test_hot_queries_are_served_by_indexes(cls: type[SQLiteStorageBase]) -> None
             plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + queries[name], bound)]
             scans = [step for step in plan if step.startswith("SCAN reflow_")]
             assert not scans, f"{name} scans a table: {plan}"
-            # The claim sorts only its three candidates (and the due sleepers).
+            # A claim sorts only one workflow's expired leases and due sleepers; a purge
+            # only the at most 3 x limit oldest rows its three partial indexes give.
             sorts = any("TEMP B-TREE" in step for step in plan)
-            assert not sorts or name == "claim_next_run", f"{name} sorts: {plan}"
-            if name == "claim_next_run":
-                # Expired leases are found by range on their expiry, not by walking
-                # every running run.
-                assert any("reflow_runs_lease (lease_expires_at<?)" in p for p in plan), plan
+            sorting = ("claim_candidates", "claim_candidates_many", "purge_runs")
+            assert not sorts or name in sorting, f"{name} sorts: {plan}"
+            if name == "claim_candidates":
+                # Each kind of candidate is found by range within the one workflow, so
+                # runs of other workflows are never read.
+                for index in (
+                    "reflow_runs_claim (workflow=? AND status=?)",
+                    "reflow_runs_lease (workflow=? AND lease_expires_at<?)",
+                    "reflow_runs_wake (workflow=? AND wake_at<?)",
+                ):
+                    assert any(index in p for p in plan), plan
+            if name == "list_runs_by_workflow_and_status":
+                assert any("reflow_runs_claim (workflow=? AND status=? AND" in p for p in plan)
+            if name == "purge_runs":
+                for status in ("completed", "failed", "cancelled"):
+                    assert any(f"reflow_runs_{status} (updated_at<?)" in p for p in plan)
     finally:
         conn.close()
 
@@ -974,3 +990,208 @@ def test_schedules_are_due_by_the_store_clock(cls: type[SQLiteStorageBase], tmp_
         await storage.close()
 
     run(scenario())
+
+
+# -- cross-process wake-ups (PRAGMA data_version watch) ---------------------------------
+
+
+def _create_one(cls: type[SQLiteStorageBase], path: str, run_id: str) -> None:
+    async def create() -> None:
+        storage = cls(path)
+        await storage.initialize()
+        await storage.create_run(make_run(run_id))
+        await storage.close()
+
+    asyncio.run(create())
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_a_commit_in_another_process_wakes_the_listener(
+    cls: type[SQLiteStorageBase], tmp_path: Path
+) -> None:
+    path = str(tmp_path / "watch.db")
+
+    async def main() -> None:
+        storage = cls(path, watch_ms=2)
+        await storage.initialize()
+        woken = asyncio.Event()
+        listener = asyncio.create_task(storage.listen_for_work(woken.set))
+        # The watch starts from the number it reads first; nothing committed since.
+        await asyncio.sleep(0)
+        assert not woken.is_set()
+        process = multiprocessing.get_context("spawn").Process(
+            target=_create_one, args=(cls, path, "from-elsewhere")
+        )
+        process.start()
+        await asyncio.wait_for(woken.wait(), timeout=60)
+        await asyncio.to_thread(process.join, 60)
+        assert process.exitcode == 0
+        claimed = await storage.claim_next_run(["wf"], lease_ms=60_000)
+        assert claimed is not None and claimed.run.id == "from-elsewhere"
+        listener.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await listener
+        # Cancelling ends the watch thread, not just the task.
+        assert not [t for t in threading.enumerate() if t.name == "reflow-sqlite-watch"]
+        await storage.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_the_watch_wakes_for_new_work_only(cls: type[SQLiteStorageBase], tmp_path: Path) -> None:
+    """Reads, heartbeats, step saves and completions through another handle wake no one;
+    creating a run there does."""
+    path = tmp_path / "watch.db"
+
+    async def main() -> None:
+        listening, writing = cls(path, watch_ms=1), cls(path)
+        await listening.initialize()
+        await writing.initialize()
+        await writing.create_run(make_run("busy"))
+        claimed = await writing.claim_next_run(["wf"], lease_ms=60_000)
+        assert claimed is not None
+        pokes: list[int] = []
+        woken = asyncio.Event()
+
+        def on_work() -> None:
+            pokes.append(1)
+            woken.set()
+
+        listener = asyncio.create_task(listening.listen_for_work(on_work))
+        # Proving that nothing happens takes waiting: 20 rounds of commits that bring no
+        # new work, each followed by two watch periods.
+        for index in range(20):
+            await writing.get_run("busy")
+            await writing.list_runs(RunFilter(limit=5))
+            assert await writing.heartbeat_run("busy", claimed.lease_id)
+            step = StepResult(
+                id=f"busy/s{index}",
+                run_id="busy",
+                name=f"s{index}",
+                status=StepStatus.COMPLETED,
+                output=index,
+                attempts=1,
+                created_at=1,
+                updated_at=1,
+            )
+            assert await writing.save_step_result(step, claimed.lease_id)
+            await asyncio.to_thread(threading.Event().wait, 0.002)
+        assert await writing.update_claimed_run_status(
+            "busy", claimed.lease_id, RunStatus.COMPLETED
+        )
+        await asyncio.to_thread(threading.Event().wait, 0.002)
+        assert pokes == []
+        await writing.create_run(make_run("new work", 2))
+        await asyncio.wait_for(woken.wait(), timeout=30)
+        listener.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await listener
+        await listening.close()
+        await writing.close()
+
+    run(main())
+
+
+def test_watch_ms_is_checked_and_read_from_the_url(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="watch_ms"):
+        SQLiteStorage(tmp_path / "x.db", watch_ms=0)
+    storage = make_storage(f"sqlite:///{tmp_path / 'x.db'}?watch_ms=7")
+    assert storage._watch_ms == 7
+
+
+# -- contract 2.1 on a real file: batch claims and purges --------------------------------
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_purge_removes_every_row_of_the_run_from_every_table(
+    cls: type[SQLiteStorageBase], tmp_path: Path
+) -> None:
+    """Checked in the file itself, not through the contract's reads: no step, event or
+    event-key row of a purged run is left behind (the cascade really ran)."""
+    path = tmp_path / "purge.db"
+
+    async def main() -> None:
+        storage = cls(path, clock=lambda: 1_000)
+        await storage.initialize()
+        for index, status in enumerate(("completed", "pending")):
+            run_id = f"r{index}"
+            await storage.create_run(make_run(run_id, index, idempotency_key=f"k{index}"))
+            claimed = await storage.claim_next_run(["wf"], lease_ms=60_000)
+            assert claimed is not None and claimed.run.id == run_id
+            step = StepResult(
+                id=f"{run_id}/s",
+                run_id=run_id,
+                name="s",
+                status=StepStatus.COMPLETED,
+                output=1,
+                attempts=1,
+                created_at=1,
+                updated_at=1,
+            )
+            assert await storage.save_step_result(step, claimed.lease_id)
+            assert await storage.deliver_event(run_id, "ev", "payload", key="key")
+            if status == "completed":
+                assert await storage.update_claimed_run_status(
+                    run_id, claimed.lease_id, RunStatus.COMPLETED
+                )
+            else:
+                assert await storage.update_run_status(run_id, RunStatus.PENDING)
+        assert await storage.purge_runs(finished_before=2_000, limit=10) == 1
+        await storage.close()
+
+    run(main())
+    conn = sqlite3.connect(path)
+    try:
+        for table in ("reflow_runs", "reflow_steps", "reflow_events", "reflow_event_keys"):
+            column = "id" if table == "reflow_runs" else "run_id"
+            rows = conn.execute(f"SELECT DISTINCT {column} FROM {table}").fetchall()
+            assert rows == [("r1",)], (table, rows)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("cls", ADAPTERS)
+def test_claims_skip_a_backlog_of_another_workflow(
+    cls: type[SQLiteStorageBase], tmp_path: Path
+) -> None:
+    """5,000 older pending runs of another workflow: the candidate query has no table
+    scan, finds exactly the five runs of 'wf', and claim_runs takes them oldest first."""
+    path = tmp_path / "backlog.db"
+
+    async def claim(storage: SQLiteStorageBase) -> None:
+        got = await storage.claim_runs(["wf", "absent"], lease_ms=60_000, limit=5)
+        assert [c.run.id for c in got] == [f"wf-{i}" for i in range(5)]
+
+    async def main() -> None:
+        storage = cls(path)
+        await storage.initialize()
+        for i in range(5):
+            await storage.create_run(make_run(f"wf-{i}", 10_000 + i))
+        await storage.close()
+
+    run(main())
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000) "
+            "INSERT INTO reflow_runs (id, workflow, input, status, created_at, updated_at) "
+            "SELECT 'other-' || i, 'other', 'null', 'pending', i, i FROM n"
+        )
+        queries = sql.queries()
+        params = {"workflow": "other", "now": 10**12, "limit": 5}
+        plan = conn.execute("EXPLAIN QUERY PLAN " + queries["claim_candidates"], params)
+        assert not [row for row in plan if "SCAN reflow_runs" in row[3]]
+        # The candidates of 'wf' are exactly its five runs, read through the index.
+        rows = conn.execute(queries["claim_candidates"], {**params, "workflow": "wf"}).fetchall()
+        assert [r[1] for r in rows] == [f"wf-{i}" for i in range(5)]
+    finally:
+        conn.close()
+
+    async def check() -> None:
+        storage = cls(path)
+        await storage.initialize()
+        await claim(storage)
+        await storage.close()
+
+    run(check())

@@ -13,6 +13,8 @@ import reflow_conformance
 from reflow_conformance.report import render_table
 
 
+# The whole kit is one test per adapter: minutes, not the default 120 s, on a busy machine.
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize(
     "adapter",
     ["memory", "sqlite", "apsw", pytest.param("postgres", marks=pytest.mark.postgres)],

@@ -105,7 +105,7 @@ def test_report_is_written(pytester: pytest.Pytester) -> None:
     )
     assert result.ret == pytest.ExitCode.OK
     [report] = json.loads(path.read_text())
-    assert report["contract_version"] == "2.0"
+    assert report["contract_version"] == "2.1"
     assert report["adapter"] == "memory"
     assert report["distribution"] == "reflow"
     assert report["version"]

@@ -42,8 +42,8 @@ def test_contract_version_is_the_contracts() -> None:
     import reflow_core.storage
 
     assert reflow_conformance.cases.CONTRACT_VERSION is reflow_core.storage.CONTRACT_VERSION
-    assert reflow_conformance.CONTRACT_VERSION == "2.0"
-    assert run_spec(_spec(MemoryStorage), select="clock").contract_version == "2.0"
+    assert reflow_conformance.CONTRACT_VERSION == "2.1"
+    assert run_spec(_spec(MemoryStorage), select="clock").contract_version == "2.1"
 
 
 def test_factory_gets_the_kit_clock_and_the_store_follows_it() -> None:

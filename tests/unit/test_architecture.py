@@ -61,11 +61,8 @@ def test_the_application_layer_lives_outside_the_core() -> None:
 
 def test_cli_reaches_adapters_only_through_the_registry() -> None:
     """The command opens stores by URL (``open_storage``), never by importing an adapter;
-    ``bridges.py`` is the one exception, until the bundled adapters implement
-    ``reflow_core.migrations.MigratableStorage`` themselves."""
+    schema administration goes through ``reflow_core.migrations.MigratableStorage``."""
     for path, names in imported_modules("reflow_cli").items():
-        if path.name == "bridges.py":
-            continue
         bad = {n for n in names if n.startswith("reflow_adapters")}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 

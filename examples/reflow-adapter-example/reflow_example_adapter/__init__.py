@@ -11,6 +11,6 @@ from reflow_example_adapter.storage import ExampleStorage
 
 __all__ = ["CONTRACT_VERSION", "ExampleStorage"]
 
-CONTRACT_VERSION = "2.0"
+CONTRACT_VERSION = "2.1"
 """The version of Reflow's storage contract (``reflow_core.CONTRACT_VERSION``) this
 adapter implements. The plugin refuses to register under a different major version."""

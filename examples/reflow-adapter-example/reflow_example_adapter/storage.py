@@ -79,6 +79,7 @@ from reflow_core.identifiers import (
 )
 from reflow_core.identifiers import check_step as check_step_identifiers
 from reflow_core.schedule import next_fire_time
+from reflow_core.storage import check_limit, check_purge_args
 
 from reflow_example_adapter.tables import (
     LEASE_CLEARED,
@@ -211,33 +212,64 @@ class ExampleStorage:
     ) -> ClaimedRun | None:
         """Claim the oldest claimable run of the named workflows, atomically, storing the
         claimer's lease length, expiry and holder with it."""
+        claimed = self._claim("claim_next_run", workflow_names, lease_ms, holder, 1)
+        return claimed[0] if claimed else None
+
+    async def claim_runs(
+        self,
+        workflow_names: Collection[str],
+        *,
+        lease_ms: int,
+        holder: LeaseHolder | None = None,
+        limit: int,
+    ) -> list[ClaimedRun]:
+        """Claim up to ``limit`` runs, oldest first, each exactly as ``claim_next_run``
+        would (contract 2.1), all under one hold of the lock."""
+        check_limit(limit, "claim_runs")
+        return self._claim("claim_runs", workflow_names, lease_ms, holder, limit)
+
+    def _claim(
+        self,
+        operation: str,
+        workflow_names: Collection[str],
+        lease_ms: int,
+        holder: LeaseHolder | None,
+        limit: int,
+    ) -> list[ClaimedRun]:
         check_names(workflow_names)
         check_holder(holder)
         names = set(workflow_names)
-        with self._tx("claim_next_run") as db:
+        with self._tx(operation) as db:
             now = self._clock()
-            candidates = [
-                row for row in db.runs.values() if row["workflow"] in names and claimable(row, now)
-            ]
-            if not candidates:
-                return None
-            row = min(candidates, key=lambda r: (r["created_at"], r["id"]))
-            taken_over = row["status"] == RunStatus.RUNNING  # its lease had expired
-            lease_id = uuid.uuid4().hex
-            self._set(
-                row,
-                RunStatus.RUNNING,
-                now,
-                lease_id=lease_id,
-                claimed_at=now,
-                heartbeat_at=now,
-                lease_ms=lease_ms,
-                lease_expires_at=now + lease_ms,
-                holder=holder,
-                attempt=row["attempt"] + 1,
-                recoveries=row["recoveries"] + taken_over,
+            # A scan keeps the example short; a real store finds the oldest claimable
+            # runs through an index per workflow instead (see the built-in adapters).
+            candidates = sorted(
+                (
+                    row
+                    for row in db.runs.values()
+                    if row["workflow"] in names and claimable(row, now)
+                ),
+                key=lambda r: (r["created_at"], r["id"]),
             )
-            return ClaimedRun(record(row), lease_id)
+            claimed: list[ClaimedRun] = []
+            for row in candidates[:limit]:
+                taken_over = row["status"] == RunStatus.RUNNING  # its lease had expired
+                lease_id = uuid.uuid4().hex
+                self._set(
+                    row,
+                    RunStatus.RUNNING,
+                    now,
+                    lease_id=lease_id,
+                    claimed_at=now,
+                    heartbeat_at=now,
+                    lease_ms=lease_ms,
+                    lease_expires_at=now + lease_ms,
+                    holder=holder,
+                    attempt=row["attempt"] + 1,
+                    recoveries=row["recoveries"] + taken_over,
+                )
+                claimed.append(ClaimedRun(record(row), lease_id))
+            return claimed
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
         """Renew a held lease by its stored length (``updated_at`` unchanged); ``False``
@@ -330,6 +362,37 @@ class ExampleStorage:
             return True
 
     # -- steps -------------------------------------------------------------------
+
+    async def purge_runs(
+        self,
+        *,
+        finished_before: int,
+        limit: int,
+        statuses: Collection[RunStatus] | None = None,
+    ) -> int:
+        """Delete up to ``limit`` finished runs with ``updated_at < finished_before``,
+        oldest first, with everything stored for them (contract 2.1)."""
+        chosen = check_purge_args(finished_before, limit, statuses)
+        with self._tx("purge_runs") as db:
+            doomed = sorted(
+                (
+                    row
+                    for row in db.runs.values()
+                    if row["status"] in chosen and row["updated_at"] < finished_before
+                ),
+                key=lambda r: (r["updated_at"], r["id"]),
+            )[:limit]
+            for row in doomed:
+                run_id = row["id"]
+                del db.runs[run_id]
+                if row["idempotency_key"] is not None:
+                    db.keys.pop((row["workflow"], row["idempotency_key"]), None)
+                for step, _ in db.steps.pop(run_id, {}).values():
+                    db.step_ids.pop(step.id, None)
+                for name in [name for (rid, name) in db.events if rid == run_id]:
+                    del db.events[run_id, name]
+                db.event_keys.pop(run_id, None)
+            return len(doomed)
 
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
         """Upsert a step row by id; with ``lease_id``, only while that lease is held. A
