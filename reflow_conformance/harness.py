@@ -17,6 +17,13 @@ handle, a reopening), the harness checks that ``open_storage(storage.url)`` buil
 adapter under test again (:meth:`Harness.verify_url`): otherwise those cases would test
 whatever adapter the URL's scheme belongs to, and pass for the wrong reason.
 
+Every handle the harness opens in this process for a case is a
+:class:`~reflow_conformance.differential.CheckedStorage`: after each contract call the
+adapter's answer and complete observable state are compared with the reference model
+(see :mod:`reflow_conformance.differential`; race cases, cases that opt out, and
+``REFLOW_DIFFERENTIAL=off`` run without it). :meth:`Harness.finish` drains the buffered
+events the model still holds when the case ends.
+
 Failures point at the case's own line: the helpers here set ``__tracebackhide__`` (pytest
 hides their frames) and :func:`case_location` finds the case's frame for the runner.
 """
@@ -37,10 +44,11 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgspec
 
+from reflow_conformance.differential import CheckedStorage, StoreCheck, opt_out_reason
 from reflow_core.registry import AdapterSpec, Capability, adapter_specs, open_storage
 from reflow_core.storage import StorageAdapter, system_clock
 from reflow_core.types import (
@@ -67,6 +75,9 @@ __all__ = [
     "case_location",
     "expect",
 ]
+
+if TYPE_CHECKING:
+    from reflow_conformance.cases import Case
 
 T = TypeVar("T")
 
@@ -156,7 +167,15 @@ def assert_exact(got: Any, expected: Any, what: str = "value", path: str = "$") 
 
 _KIT_DIR = Path(__file__).resolve().parent
 _KIT_MACHINERY = frozenset(
-    str(_KIT_DIR / name) for name in ("harness.py", "runner.py", "plugin.py", "cases.py")
+    str(_KIT_DIR / name)
+    for name in (
+        "harness.py",
+        "runner.py",
+        "plugin.py",
+        "cases.py",
+        "differential.py",
+        "reference.py",
+    )
 )
 
 
@@ -307,6 +326,26 @@ def snapshot_diff(before: Any, after: Any, run_ids: Sequence[str]) -> str:
     return "\n".join(f"  {line}" for line in shown)
 
 
+def _unwrap(storage: StorageAdapter) -> StorageAdapter:
+    inner = getattr(storage, "_inner", None) if isinstance(storage, CheckedStorage) else None
+    return cast(StorageAdapter, inner) if inner is not None else storage
+
+
+def _case_on_stack() -> Case | None:
+    """The case a runner on the call stack is setting up (a ``CaseSession``'s), if any."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            found = getattr(owner, "case", None)
+            if type(owner).__name__ == "CaseSession" and found is not None:
+                return cast("Case", found)
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
 def _yielded(value: Any) -> StorageAdapter:
     if not _is_adapter(value):
         raise HarnessError(
@@ -408,6 +447,8 @@ class Harness:
         options: Mapping[str, str],
         tmp_path: Path,
         loop: asyncio.AbstractEventLoop,
+        *,
+        case: Case | None = None,
     ) -> None:
         self.spec = spec
         self.options = dict(options)
@@ -415,6 +456,14 @@ class Harness:
         self.loop = loop
         self.clock = KitClock()
         """The case's clock: the store's "now" for every handle opened in this process."""
+        self.case = case
+        """The case this harness runs (``None`` outside the kit's runner: then the
+        harness looks for it on the call stack at :meth:`setup`)."""
+        self.differential: str | None = "no case to check"
+        """Why differential checking is off for this case, or ``None`` when it is on
+        (see :mod:`reflow_conformance.differential`)."""
+        self._checks: list[StoreCheck] = []
+        self._thread = threading.get_ident()
         self._storage: StorageAdapter | None = None
         self._handles: list[StorageAdapter] = []
         self._teardowns: list[tuple[StorageAdapter, Teardown]] = []
@@ -436,6 +485,10 @@ class Harness:
         With ``verify_url`` (the case opens other handles from the store's url), also
         :meth:`verify_url`, so a URL that opens another adapter is a setup error.
         """
+        if self.case is None:
+            self.case = _case_on_stack()
+        if self.case is not None:
+            self.differential = opt_out_reason(self.case.id, self.case.function, self.case.race)
         self._storage = await self.fresh_storage()
         if verify_url:
             self.verify_url()
@@ -473,7 +526,11 @@ class Harness:
         if teardown is not None:
             self._teardowns.append((storage, teardown))
         await self._initialize(storage)
-        return storage
+        if self.differential is not None:
+            return storage
+        check = StoreCheck(self.clock, f"store {len(self._checks) + 1}")
+        self._checks.append(check)
+        return cast(StorageAdapter, CheckedStorage(storage, check, "handle 1"))
 
     @staticmethod
     async def _enter(made: Any) -> tuple[StorageAdapter, Teardown | None]:
@@ -547,6 +604,10 @@ class Harness:
         factory's teardowns, newest first; return what raised (a teardown's failure as a
         :class:`HarnessError`)."""
         errors: list[BaseException] = []
+        try:
+            await self.finish()
+        except AssertionError as exc:
+            errors.append(exc)
         while self._handles:
             handle = self._handles.pop()
             try:
@@ -564,6 +625,18 @@ class Harness:
         """Close one handle now (one :meth:`fresh_storage` made, say) and run its factory
         teardown, instead of at the end of the case: for cases that make many stores,
         such as the state machine (one per example)."""
+        check = next(
+            (
+                c
+                for c in self._checks
+                if any(h is storage or h._inner is storage for h in c.handles)
+            ),
+            None,
+        )
+        if check is not None:
+            self._checks.remove(check)
+            await check.drain()
+        storage = _unwrap(storage)
         self._handles = [h for h in self._handles if h is not storage]
         try:
             await storage.close()
@@ -614,7 +687,7 @@ class Harness:
         return url
 
     def _check_same_adapter(self, url: str, handle: StorageAdapter) -> None:
-        expected, got = type(self.storage), type(handle)
+        expected, got = type(_unwrap(self.storage)), type(handle)
         resolved = _spec_for_url(url)
         same_spec = resolved is None or resolved.name == self.spec.name
         if got is expected and same_spec:
@@ -659,14 +732,43 @@ class Harness:
         """
         handle = self._open_storage(url, shared_clock=shared_clock)
         self._check_same_adapter(url, handle)
-        return handle
+        check = self._check_for(url)
+        if check is None or threading.get_ident() != self._thread:
+            return handle
+        label = f"handle {len(check.handles) + 1}"
+        if not shared_clock:
+            label += " (on the store's own clock)"
+        wrapped = CheckedStorage(handle, check, label, ready=False, own_clock=not shared_clock)
+        return cast(StorageAdapter, wrapped)
+
+    def _check_for(self, url: str) -> StoreCheck | None:
+        """The differential check of the store at ``url``, while it is still checked."""
+        for check in self._checks:
+            if check.active and any(h._inner.url == url for h in check.handles):
+                return check
+        return None
+
+    def lose_track(self, reason: str) -> None:
+        """Stop differential checking for the rest of the case: something the reference
+        model cannot follow (another thread's or process's handle) writes to the store."""
+        for check in self._checks:
+            check.lose(reason)
+
+    async def finish(self) -> None:
+        """End of the case: take every event the reference model still buffers and
+        compare them (:meth:`~reflow_conformance.differential.StoreCheck.drain`). Run
+        once, before the handles are closed; a mismatch raises ``AssertionError``."""
+        __tracebackhide__ = True
+        checks, self._checks = self._checks, []
+        for check in checks:
+            await check.drain()
 
     async def open_another(self, *, shared_clock: bool = True) -> StorageAdapter:
         """A second initialized handle onto the same store, via ``open_storage(url)``,
         sharing the kit clock unless ``shared_clock=False`` (then it reads the store's own
         clock, as a handle in another process would)."""
         handle = self.open_url(self.url, shared_clock=shared_clock)
-        self._handles.append(handle)
+        self._handles.append(_unwrap(handle))
         await self._initialize(handle)
         return handle
 
@@ -823,6 +925,7 @@ class Harness:
         """
         __tracebackhide__ = True
         url = self.url
+        self.lose_track("racer threads write through handles of their own")
         barrier = threading.Barrier(count)
         results: list[Any] = [None] * count
         errors: list[BaseException | None] = [None] * count

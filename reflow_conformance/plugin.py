@@ -14,6 +14,10 @@ pytest's three phases: setup builds and initializes a fresh adapter (a failure t
 the kit's *error*), call runs the case (an assertion is the adapter's *failure*),
 teardown closes every handle and runs the conformance factory's teardown.
 
+Every case runs under differential checking (:mod:`reflow_conformance.differential`):
+after each operation the adapter's whole observable state is compared with the kit's
+reference model; ``--reflow-differential=off`` skips that for a quicker run.
+
 The session has one Hypothesis seed (``--reflow-seed=N``, else a random one), shown in
 the header and the summary and added to every failure of a Hypothesis-driven case, so
 ``--reflow-seed=N`` replays it. ``--reflow-stress=N`` repeats race cases and multiplies
@@ -32,6 +36,7 @@ event loop the adapter lives on::
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import tempfile
 from collections.abc import Iterator
@@ -108,6 +113,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "for those cases)",
     )
     group.addoption(
+        "--reflow-differential",
+        choices=("full", "off"),
+        default=None,
+        help="compare the adapter's whole observable state with the kit's reference model "
+        "after every operation of every case: 'full' (default) or 'off' for a quicker, "
+        "shallower run (also REFLOW_DIFFERENTIAL=off)",
+    )
+    group.addoption(
         "--reflow-select",
         default=None,
         metavar="PATTERNS",
@@ -138,6 +151,13 @@ def pytest_configure(config: pytest.Config) -> None:
     stress: int = config.getoption("reflow_stress")
     if stress < 1:
         raise pytest.UsageError(f"--reflow-stress expects a count >= 1, got {stress}")
+    if importlib.util.find_spec("hypothesis") is None:
+        # Said here, before collection: an error raised while collecting is masked by
+        # the "no case to run" check, and a traceback would not say what to install.
+        raise pytest.UsageError(
+            "--reflow-adapter: the conformance kit needs Hypothesis, which is not "
+            "installed; install the kit's extra: pip install 'reflow[conformance]'"
+        )
     from reflow_conformance.runner import load_spec, new_seed
     from reflow_core.errors import ReflowError
 
@@ -152,6 +172,9 @@ def pytest_configure(config: pytest.Config) -> None:
             specs.append(load_spec(name))
         except ReflowError as exc:
             raise pytest.UsageError(f"--reflow-adapter={name}: {exc}") from None
+    from reflow_conformance.differential import set_mode
+
+    set_mode(config.getoption("reflow_differential"))
     state = _KitState(specs, options, seed, stress)
     state.seed_given = given is not None
     config.stash[_STATE] = state
@@ -235,6 +258,9 @@ class ReflowCaseItem(pytest.Item):
             self.harness_errors.add("call")
             raise
         except Exception as exc:
+            # The case failed: the end-of-case drain of buffered events would only add a
+            # second report about a store the case left half-way.
+            self.session_.harness.lose_track("the case failed")
             self.failure_location = case_location(exc, self.case.function)
             self.failure_reason = describe_failure(exc, self.case)
             raise
@@ -328,6 +354,12 @@ class _KitPlugin:
                 if isinstance(item, ReflowCaseItem):
                     self.state.items[item.nodeid] = item
                     items.append(item)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        """The differential mode is the process's; give it back (pytester runs nest)."""
+        from reflow_conformance.differential import set_mode
+
+        set_mode(None)
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:

@@ -160,7 +160,7 @@ class CaseSession:
         )
         """How to replay this case's Hypothesis run; added to its failures."""
         self.loop = asyncio.new_event_loop()
-        self.harness = Harness(spec, options, tmp_path, self.loop)
+        self.harness = Harness(spec, options, tmp_path, self.loop, case=case)
 
     def setup(self) -> None:
         """Build and initialize the adapter (and, for a case that opens other handles,
@@ -193,10 +193,12 @@ class CaseSession:
         if self.case.is_async:
             coroutine = self.case.function(self.harness)
             self.loop.run_until_complete(asyncio.wait_for(coroutine, CASE_TIMEOUT_S))
+            self.loop.run_until_complete(self.harness.finish())
             return
         try:
             with hypothesis_seeded(self.seed, self.stress):
                 self.case.function(self.harness)
+            self.loop.run_until_complete(self.harness.finish())
         except Exception as exc:
             if self.case.uses_hypothesis and self.seed is not None:
                 exc.add_note(f"Hypothesis seed {self.seed}: {self.replay}")
@@ -207,7 +209,7 @@ class CaseSession:
         self._raise_teardown_errors(self.loop.run_until_complete(self.harness.close_all()))
         directory = self.tmp_path / f"repetition-{index + 1}"
         directory.mkdir(parents=True, exist_ok=True)
-        self.harness = Harness(self.spec, self.options, directory, self.loop)
+        self.harness = Harness(self.spec, self.options, directory, self.loop, case=self.case)
         self.setup()
 
     def teardown(self) -> None:

@@ -22,11 +22,18 @@ _MULTIPLIER = max(1, int(os.environ.get("REFLOW_CONFORMANCE_EXAMPLES", "1") or "
 
 def kit_settings(max_examples: int = 50, **overrides: Any) -> settings:
     """Settings for the kit: no deadline (storage is I/O), no example database written
-    into the user's directory, health checks that do not apply to I/O-bound tests off."""
+    into the user's directory, health checks that do not apply to I/O-bound tests off.
+
+    ``derandomize`` is always off: Hypothesis turns it on in its ``ci`` profile (loaded
+    by itself whenever a ``CI`` variable is set), and a derandomized test draws from a
+    seed made of its own source code, ignoring the forced seed, so ``--reflow-seed``
+    would replay nothing and every seed would give the same examples.
+    """
     return settings(
         max_examples=max_examples * _MULTIPLIER,
         deadline=None,
         database=None,
+        derandomize=False,
         suppress_health_check=[
             HealthCheck.too_slow,
             HealthCheck.data_too_large,

@@ -10,6 +10,14 @@ sequence of calls it found (``state.tick(ms=1000)``, ``state.claim(names=['a'], 
 failure text both print, followed by the seed that replays it. Time is the kit clock:
 the ``tick`` rule moves it, and the model judges every lease expiry and wake-up by it,
 exactly as the store must.
+
+``model.differential_exploration`` goes further: random sequences of *every* contract
+call (batch claims, purge, schedules and listings included), sent through every handle
+the adapter can share, with no assertion of its own: each call is checked by the
+differential backbone (:mod:`reflow_conformance.differential`) against the full
+reference model (:mod:`reflow_conformance.reference`), answer and complete state. Both
+machines run under the session's recorded seed (``--reflow-seed``) and report the
+shortest failing sequence.
 """
 
 from __future__ import annotations
@@ -396,6 +404,8 @@ def _machine(h: Harness) -> type:
 
         @invariant()
         def same_state(self) -> None:
+            if h.differential is None:
+                return  # the differential check compared every record after each call
             for run in self.model.runs.values():
                 got = h.sync(self.storage.get_run(run.id))
                 assert got is not None, f"run {run.id} vanished"
@@ -435,3 +445,255 @@ def state_machine(h: Harness) -> None:
 
     settings = kit_settings(max_examples=40, stateful_step_count=50)
     run_state_machine_as_test(_machine(h), settings=settings)
+
+
+# -- exploration: random sequences over the whole contract, checked differentially ------
+
+SCHEDULE_KEYS = ("s1", "s2")
+
+
+def _explorer(h: Harness) -> type:
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+
+    from reflow_conformance.differential import CheckedStorage, StoreCheck
+    from reflow_core.registry import Capability
+    from reflow_core.types import Recurrence, RunFilter, Schedule, StepResult
+
+    pick = st.integers(min_value=0, max_value=63)
+    names = st.sampled_from([WORKFLOWS, ("a",), ("b",), ()])
+    shares = h.has(Capability.THREADS)
+
+    class Explorer(RuleBasedStateMachine):
+        """Every rule is one contract call through a checked handle; the differential
+        check compares its answer and the whole state with the reference model."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            storage = h.sync(h.fresh_storage())
+            if not isinstance(storage, CheckedStorage):  # checking is off: check here anyway
+                storage = CheckedStorage(storage, StoreCheck(h.clock, "store"), "handle 1")
+            self.raw = storage._inner
+            self.check = storage._store
+            self.handles: list[Any] = [storage]
+            if shares and storage.url:
+                other = h.open_url(storage.url)
+                if not isinstance(other, CheckedStorage):
+                    other = CheckedStorage(other, self.check, "handle 2", ready=False)
+                h.sync(other.initialize())
+                self.handles.append(other)
+            self.leases: list[tuple[str, str]] = []
+            self.counter = itertools.count()
+
+        def teardown(self) -> None:
+            for other in self.handles[1:]:
+                h.sync(other.close())
+            h.sync(h.discard(self.raw))
+
+        def via(self, index: int) -> Any:
+            return self.handles[index % len(self.handles)]
+
+        def run_at(self, index: int) -> str:
+            ids = sorted(self.check.model.known_run_ids)
+            return ids[index % len(ids)] if ids else "missing-run"
+
+        @precondition(lambda self: len(self.check.model.runs) < 6)  # few runs, long histories
+        @rule(
+            workflow=st.sampled_from(WORKFLOWS),
+            key=st.sampled_from([None, "k1"]),
+            created_at=st.integers(0, 2),
+            handle=pick,
+        )
+        def create(self, workflow: str, key: str | None, created_at: int, handle: int) -> None:
+            run = h.new_run(
+                workflow,
+                [created_at],
+                id=f"r{next(self.counter)}",
+                created_at=created_at,
+                idempotency_key=key,
+            )
+            h.sync(self.via(handle).create_run(run))
+
+        @rule(ms=st.sampled_from([1, 500, LEASES[0], LEASES[1]]))
+        def tick(self, ms: int) -> None:
+            h.advance(ms)
+
+        @rule(
+            names=names,
+            lease_ms=st.sampled_from(LEASES),
+            holder=st.sampled_from(HOLDERS),
+            handle=pick,
+        )
+        def claim(self, names: tuple[str, ...], lease_ms: int, holder: Any, handle: int) -> None:
+            got = h.sync(self.via(handle).claim_next_run(names, lease_ms=lease_ms, holder=holder))
+            if got is not None:
+                self.leases.append((got.run.id, got.lease_id))
+
+        @precondition(lambda self: hasattr(self.raw, "claim_runs") and bool(self.check.model.runs))
+        @rule(names=names, lease_ms=st.sampled_from(LEASES), limit=st.integers(1, 3), handle=pick)
+        def claim_batch(
+            self, names: tuple[str, ...], lease_ms: int, limit: int, handle: int
+        ) -> None:
+            got = h.sync(
+                self.via(handle).claim_runs(names, lease_ms=lease_ms, holder=None, limit=limit)
+            )
+            self.leases += [(c.run.id, c.lease_id) for c in got]
+
+        def lease_at(self, pick: int) -> tuple[str, str]:
+            return self.leases[pick % len(self.leases)]
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(pick=pick, handle=pick)
+        def heartbeat(self, pick: int, handle: int) -> None:
+            h.sync(self.via(handle).heartbeat_run(*self.lease_at(pick)))
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(pick=pick, wake=st.sampled_from([1, 500, 10**9]), handle=pick)
+        def sleep(self, pick: int, wake: int, handle: int) -> None:
+            h.sync(self.via(handle).sleep_run(*self.lease_at(pick), h.now() + wake))
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(
+            pick=pick,
+            event=st.sampled_from(EVENTS),
+            wake=st.sampled_from([None, 1, 500]),
+            handle=pick,
+        )
+        def wait(self, pick: int, event: str, wake: int | None, handle: int) -> None:
+            at = None if wake is None else h.now() + wake
+            h.sync(self.via(handle).wait_run(*self.lease_at(pick), event, at))
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(
+            pick=pick,
+            status=st.sampled_from(
+                [RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.PENDING, RunStatus.RUNNING]
+            ),
+            handle=pick,
+        )
+        def update_claimed(self, pick: int, status: RunStatus, handle: int) -> None:
+            error = ErrorInfo(type="E", message="m") if status is RunStatus.FAILED else None
+            h.sync(
+                self.via(handle).update_claimed_run_status(
+                    *self.lease_at(pick), status, output={"n": pick}, error=error
+                )
+            )
+
+        @rule(
+            pick=pick,
+            status=st.sampled_from([RunStatus.CANCELLED, RunStatus.RUNNING, RunStatus.PENDING]),
+            expected=st.sampled_from([None, (RunStatus.PENDING, RunStatus.WAITING)]),
+            handle=pick,
+        )
+        def set_status(self, pick: int, status: RunStatus, expected: Any, handle: int) -> None:
+            h.sync(self.via(handle).update_run_status(self.run_at(pick), status, expected=expected))
+
+        @rule(pick=pick, handle=pick)
+        def requeue(self, pick: int, handle: int) -> None:
+            h.sync(self.via(handle).requeue_run(self.run_at(pick)))
+
+        @precondition(
+            lambda self: (
+                hasattr(self.raw, "purge_runs")
+                and any(r.status.is_terminal for r in self.check.model.ordered_runs())
+            )
+        )
+        @rule(later=st.sampled_from([0, 1, 1_000]), limit=st.integers(1, 3), handle=pick)
+        def purge(self, later: int, limit: int, handle: int) -> None:
+            h.sync(self.via(handle).purge_runs(finished_before=h.now() + later, limit=limit))
+
+        @rule(
+            pick=pick,
+            name=st.sampled_from(STEPS),
+            status=st.sampled_from(StepStatus),
+            leased=st.booleans(),
+            handle=pick,
+        )
+        def save_step(
+            self, pick: int, name: str, status: StepStatus, leased: bool, handle: int
+        ) -> None:
+            if leased and self.leases:
+                run_id, lease = self.lease_at(pick)
+            else:  # a stored run: a row for a missing run may be refused (a foreign key)
+                live = sorted(self.check.model.runs)
+                if not live:
+                    return
+                run_id, lease = live[pick % len(live)], None
+            step = h.step(run_id, name, status, output=[name, pick], created_at=h.now() - pick)
+            h.sync(self.via(handle).save_step_result(step, lease))
+
+        @rule(
+            pick=pick,
+            event=st.sampled_from(EVENTS),
+            key=st.sampled_from([None, "e-k"]),
+            handle=pick,
+        )
+        def deliver(self, pick: int, event: str, key: str | None, handle: int) -> None:
+            h.sync(self.via(handle).deliver_event(self.run_at(pick), event, pick, key=key))
+
+        @rule(pick=pick, event=st.sampled_from(EVENTS), handle=pick)
+        def take(self, pick: int, event: str, handle: int) -> None:
+            h.sync(self.via(handle).take_event(self.run_at(pick), event))
+
+        @precondition(lambda self: bool(self.leases))
+        @rule(pick=pick, name=st.sampled_from(STEPS), event=st.sampled_from(EVENTS), handle=pick)
+        def consume(self, pick: int, name: str, event: str, handle: int) -> None:
+            run_id, lease = self.lease_at(pick)
+            step: StepResult = h.step(run_id, name)
+            h.sync(self.via(handle).consume_event(event, step, lease))
+
+        @rule(
+            key=st.sampled_from(SCHEDULE_KEYS),
+            workflow=st.sampled_from(WORKFLOWS),
+            every=st.sampled_from([1_000, 60_000]),
+            due=st.booleans(),
+            handle=pick,
+        )
+        def upsert_schedule(
+            self, key: str, workflow: str, every: int, due: bool, handle: int
+        ) -> None:
+            schedule = Schedule(
+                key=key,
+                workflow=workflow,
+                input={"every": every},
+                recurrence=Recurrence(every_ms=every),
+                next_run_at=h.now() - 1 if due else h.now() + every,
+                created_at=h.now(),
+                updated_at=h.now(),
+            )
+            h.sync(self.via(handle).upsert_schedule(schedule))
+
+        @rule(names=names, handle=pick)
+        def claim_schedule(self, names: tuple[str, ...], handle: int) -> None:
+            h.sync(self.via(handle).claim_due_schedule(names))
+
+        @rule(key=st.sampled_from(SCHEDULE_KEYS), handle=pick)
+        def delete_schedule(self, key: str, handle: int) -> None:
+            h.sync(self.via(handle).delete_schedule(key))
+
+        @rule(
+            status=st.sampled_from([None, *RunStatus]),
+            workflow=st.sampled_from([None, *WORKFLOWS]),
+            limit=st.sampled_from([1, 2, 100]),
+            handle=pick,
+        )
+        def listing(self, status: Any, workflow: str | None, limit: int, handle: int) -> None:
+            h.sync(
+                self.via(handle).list_runs(RunFilter(status=status, workflow=workflow, limit=limit))
+            )
+
+    return Explorer
+
+
+@case("model.differential_exploration")
+def differential_exploration(h: Harness) -> None:
+    """Random sequences of every contract call (runs, batch claims, leases, statuses,
+    requeue, purge, steps, events, schedules, listings), through every handle the adapter
+    can share, each compared by the differential check with the reference model: the
+    answer and, after each write, the complete state read back through every handle."""
+    from hypothesis.stateful import run_state_machine_as_test
+
+    from reflow_conformance.strategies import kit_settings
+
+    settings = kit_settings(max_examples=12, stateful_step_count=25, report_multiple_bugs=False)
+    run_state_machine_as_test(_explorer(h), settings=settings)

@@ -19,6 +19,7 @@ import pytest
 
 import reflow_conformance
 from reflow_adapters.memory import MemoryStorage
+from reflow_conformance import differential
 from reflow_conformance.harness import ContractViolation, Harness
 from reflow_conformance.report import Outcome, render_table
 from reflow_conformance.runner import run_spec
@@ -118,9 +119,12 @@ def pytest_unconfigure(config):
 
 
 def test_pytest_failure_points_at_the_case_line(pytester: pytest.Pytester) -> None:
+    # The case's own expect() (differential checking off: it would answer first).
     pytester.makeconftest(BROKEN_CONFTEST)
     result = pytester.runpytest(
-        "--reflow-adapter=broken-heartbeat", "--reflow-select=leases.fencing_heartbeat_run"
+        "--reflow-adapter=broken-heartbeat",
+        "--reflow-select=leases.fencing_heartbeat_run",
+        "--reflow-differential=off",
     )
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
@@ -133,6 +137,27 @@ def test_pytest_failure_points_at_the_case_line(pytester: pytest.Pytester) -> No
         ]
     )
     assert "harness.py" not in result.stdout.str()
+
+
+def test_pytest_differential_failure_points_at_the_case_line(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(BROKEN_CONFTEST)
+    result = pytester.runpytest(
+        "--reflow-adapter=broken-heartbeat", "--reflow-select=leases.fencing_heartbeat_run"
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "differential check: handle 1.heartbeat_run(*) answered otherwise than the "
+            "reference model:",
+            "    - answer = False",
+            "    + answer = True",
+            "  calls so far on this store:",
+            "    1. handle 1.create_run(*",
+            "  at reflow_conformance/suite/leases.py:*",
+        ]
+    )
+    assert "harness.py" not in result.stdout.str()
+    assert "differential.py" not in result.stdout.str()
 
 
 def test_pytest_traceback_of_an_unexpected_error_hides_helper_frames(
@@ -222,12 +247,28 @@ class FailsRunOnRejectedOutput(MemoryStorage):
 
 
 def test_unchanged_failure_in_a_case_is_a_diff() -> None:
-    report = run_spec(_spec(FailsRunOnRejectedOutput), select="values.reject_run_output")
+    # The case's own expect_unchanged (differential checking off: it would answer first).
+    differential.set_mode("off")
+    try:
+        report = run_spec(_spec(FailsRunOnRejectedOutput), select="values.reject_run_output")
+    finally:
+        differential.set_mode(None)
     [item] = report.cases
     assert item.outcome is Outcome.FAILED, render_table(report)
     assert "storage must be unchanged, but it changed (- before, + after):" in item.reason
     assert ".status = 'running'" in item.reason and ".status = 'failed'" in item.reason
     assert "expected: (" not in item.reason  # the old message: two full snapshots
+    assert item.location.startswith("reflow_conformance/suite/values.py:")
+
+
+def test_a_call_that_raises_after_writing_is_caught_by_the_differential_check() -> None:
+    report = run_spec(_spec(FailsRunOnRejectedOutput), select="values.reject_run_output")
+    [item] = report.cases
+    assert item.outcome is Outcome.FAILED, render_table(report)
+    assert "update_claimed_run_status(" in item.reason
+    assert "(which raised), the state read through handle 1 differs" in item.reason
+    assert "- get_run(" in item.reason and ".status = 'running'" in item.reason
+    assert "+ get_run(" in item.reason and ".status = 'failed'" in item.reason
     assert item.location.startswith("reflow_conformance/suite/values.py:")
 
 
@@ -237,14 +278,17 @@ def test_unchanged_failure_in_a_case_is_a_diff() -> None:
 def test_pytest_shows_the_state_machine_steps_and_the_seed(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(BROKEN_CONFTEST)
     result = pytester.runpytest(
-        "--reflow-adapter=broken-heartbeat", "--reflow-select=model", "--reflow-seed=1"
+        "--reflow-adapter=broken-heartbeat",
+        "--reflow-select=model.state_machine",
+        "--reflow-seed=1",
     )
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            "heartbeat_run(*",
-            "  expected: False",
-            "  got:      True",
+            "differential check: handle 1.heartbeat_run(*) answered otherwise than the "
+            "reference model:",
+            "    - answer = False",
+            "    + answer = True",
             "  at reflow_conformance/suite/model.py:*",
             "*state = ContractMachine()*",
             "*state.claim(*",

@@ -19,6 +19,7 @@ from reflow_adapters.memory import MemoryStorage
 from reflow_conformance.report import Outcome, Report, render_table
 from reflow_conformance.runner import run_spec
 from reflow_core import AdapterSpec
+from reflow_core.storage import CONTRACT_VERSION
 from reflow_core.types import CreateRunResult, WorkflowRun
 
 ROUNDTRIP = "values.roundtrip_run_input"
@@ -52,6 +53,25 @@ def test_a_seed_replays_the_same_examples() -> None:
     _, other = _inputs(seed=4321)
     assert first_report.seed == 1234
     assert len(first) >= 40
+    assert again == first
+    assert other != first
+
+
+def test_a_seed_still_decides_under_a_derandomizing_profile() -> None:
+    """Hypothesis loads its ``ci`` profile (``derandomize=True``) whenever ``CI`` is set,
+    and a derandomized test ignores the forced seed: every seed gave the same examples
+    in CI. The kit's settings turn derandomize off, whatever profile is loaded."""
+    from hypothesis import settings
+
+    previous = settings.get_current_profile_name()
+    settings.register_profile("reflow-test-derandomized", derandomize=True)
+    settings.load_profile("reflow-test-derandomized")
+    try:
+        _, first = _inputs(seed=1234)
+        _, again = _inputs(seed=1234)
+        _, other = _inputs(seed=4321)
+    finally:
+        settings.load_profile(previous)
     assert again == first
     assert other != first
 
@@ -152,8 +172,8 @@ def test_plugin_prints_and_records_the_given_seed(pytester: pytest.Pytester) -> 
     assert result.ret == pytest.ExitCode.OK
     result.stdout.fnmatch_lines(
         [
-            "reflow conformance: memory; contract 2.0; Hypothesis seed 42 (given; "
-            "replay with --reflow-seed=42)",
+            f"reflow conformance: memory; contract {CONTRACT_VERSION}; Hypothesis seed 42 "
+            "(given; replay with --reflow-seed=42)",
             "*passed*",
         ]
     )

@@ -17,6 +17,7 @@ from reflow_adapters.memory import MemoryStorage
 from reflow_conformance.report import Report, to_markdown, write_report
 from reflow_conformance.runner import run_spec
 from reflow_core import AdapterSpec
+from reflow_core.storage import CONTRACT_VERSION
 
 
 class HeartbeatAlwaysTrue(MemoryStorage):
@@ -44,7 +45,7 @@ def test_markdown_summary() -> None:
     for row in [
         "| adapter | `broken-heartbeat` |",
         "| distribution | reflow-broken 1.2.3 |",
-        "| storage contract | 2.0 |",
+        f"| storage contract | {CONTRACT_VERSION} |",
         "| capabilities | none declared |",
         "| Hypothesis seed | `8` (replay: `--reflow-seed=8`) |",
         "| stress | 1 |",
@@ -66,7 +67,8 @@ def test_markdown_summary() -> None:
         "- **failed** `leases.fencing_heartbeat_run` at `reflow_conformance/suite/leases.py:"
         in text
     )
-    assert "heartbeat_run with the old lease" in text
+    # The reason's first line: here the differential check, which answers first.
+    assert "differential check: handle 1.heartbeat_run(" in text
     assert (
         "- adapter 'broken-heartbeat' does not declare capability 'threads' (1): "
         "`concurrency.claim_threads`"
