@@ -50,6 +50,7 @@ import dataclasses
 import json
 import math
 import re
+from contextvars import ContextVar, Token
 from datetime import UTC, datetime, timezone
 from typing import Any
 from urllib.parse import quote, unquote
@@ -66,6 +67,8 @@ __all__ = [
     "check",
     "decode",
     "encode",
+    "encoded_as",
+    "forget",
     "from_plain",
     "to_plain",
 ]
@@ -81,6 +84,7 @@ _DICT_TAG = "$dict"
 _json_encoder = msgspec.json.Encoder()
 _canonical_encoder = msgspec.json.Encoder(order="sorted")
 _json_decoder = msgspec.json.Decoder()
+_known: ContextVar[tuple[Any, bytes] | None] = ContextVar("reflow_codec_known", default=None)
 
 _INT_BOUND = 10**MAX_INT_DIGITS  # |n| < bound <=> n has at most MAX_INT_DIGITS digits
 _NEG_INT_BOUND = -_INT_BOUND
@@ -467,12 +471,32 @@ def check(value: Any) -> None:
     _encode_with(_json_encoder, value)
 
 
+def encoded_as(value: Any, data: bytes) -> Token[tuple[Any, bytes] | None]:
+    """Declare that ``value`` (this very object) encodes to ``data``, which :func:`encode`
+    produced: until the returned token is passed to :func:`forget`, :func:`encode` of
+    that object in the current task (context) returns ``data`` without encoding again.
+
+    The engine encodes a step's output once (it keeps the bytes for ``prev``) and then
+    hands the value to storage, which encodes it again: this lets the second encode be
+    free, and the checkpoint is exactly the bytes the engine kept.
+    """
+    return _known.set((value, data))
+
+
+def forget(token: Token[tuple[Any, bytes] | None]) -> None:
+    """End what :func:`encoded_as` declared (call in the same task, in a ``finally``)."""
+    _known.reset(token)
+
+
 def encode(value: Any) -> bytes:
     """Encode a persistable value as tagged JSON bytes.
 
     Raises :class:`SerializationError` naming the path of the first part that would not
     come back exactly.
     """
+    known = _known.get()
+    if known is not None and known[0] is value:
+        return known[1]
     try:
         tagged = _needs_tags(value)
     except _Reject as reject:
@@ -560,7 +584,12 @@ def validate(value: Any, declared: Any) -> Any:
     return from_plain(plain, declared)
 
 
+_PLAIN_TYPES = frozenset({dict, list, str, int, float, bool, type(None)})
+
+
 def _is_plain(value: Any) -> bool:
+    if type(value) in _PLAIN_TYPES:  # what nearly every step returns: skip the checks
+        return True
     return not (
         isinstance(value, msgspec.Struct)
         or (dataclasses.is_dataclass(value) and not isinstance(value, type))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from itertools import islice
 from typing import Any, Generic, NoReturn, TypeVar
 
 from reflow_core.errors import ControlFlow
@@ -25,7 +26,9 @@ class CancelSignal:
     __slots__ = ("_async_event", "_event", "reason")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        # Both events are made on first wait only: most steps never wait on their signal,
+        # and a threading.Event per step was a measurable part of a step's cost.
+        self._event: threading.Event | None = None
         self._async_event: asyncio.Event | None = None
         self.reason: ControlFlow | TimeoutError | None = None
 
@@ -33,26 +36,42 @@ class CancelSignal:
         """Raise the signal (engine use, on the event loop's thread)."""
         if self.reason is None:
             self.reason = reason
-        self._event.set()
+        # Read after ``reason`` is written; wait() publishes its event before reading
+        # ``reason``: whichever runs second sees the other's write, so no wake is lost.
+        event = self._event
+        if event is not None:
+            event.set()
         if self._async_event is not None:
             self._async_event.set()
 
     @property
     def is_set(self) -> bool:
         """True once the step should stop."""
-        return self._event.is_set()
+        return self.reason is not None
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block the calling thread until set or ``timeout``; True if set. For ``def`` steps."""
-        return self._event.wait(timeout)
+        event = self._event
+        if event is None:
+            with _CREATING:
+                event = self._event
+                if event is None:
+                    event = self._event = threading.Event()
+        if self.reason is not None:
+            return True
+        return event.wait(timeout)
 
     async def wait_async(self) -> None:
         """Wait until set, from async code (async steps are also cancelled directly)."""
         if self._async_event is None:
             self._async_event = asyncio.Event()
-            if self._event.is_set():
+            if self.reason is not None:
                 self._async_event.set()
         await self._async_event.wait()
+
+
+_CREATING = threading.Lock()
+"""Guards the first :meth:`CancelSignal.wait` of a signal that two threads wait on."""
 
 
 class EarlyCompletion(BaseException):
@@ -66,25 +85,38 @@ class EarlyCompletion(BaseException):
 
 class StepOutputs(Mapping[str, Any]):
     """Read-only view of earlier outputs by unit name; each read is a fresh copy, so a step
-    that mutates what it reads cannot make this execution differ from a replay."""
+    that mutates what it reads cannot make this execution differ from a replay.
 
-    __slots__ = ("_decode", "_names")
+    ``order`` maps each unit name to its position among recorded outputs and only grows;
+    the view holds the first ``count`` of them (those recorded when it was made), so the
+    engine shares one mapping between all of a run's contexts instead of copying it.
+    """
 
-    def __init__(self, names: Mapping[str, Any], decode: Callable[[str], Any]) -> None:
-        self._names = names
+    __slots__ = ("_count", "_decode", "_order")
+
+    def __init__(
+        self, order: Mapping[str, int], decode: Callable[[str], Any], count: int | None = None
+    ) -> None:
+        self._order = order
         self._decode = decode
+        self._count = len(order) if count is None else count
 
     def __getitem__(self, name: str) -> Any:
-        if name not in self._names:
-            known = ", ".join(self._names) or "none yet"
+        position = self._order.get(name)
+        if position is None or position >= self._count:
+            known = ", ".join(self) or "none yet"
             raise KeyError(f"no completed unit named {name!r} (completed: {known})")
         return self._decode(name)
 
+    def __contains__(self, name: object) -> bool:
+        position = self._order.get(name)  # type: ignore[call-overload]
+        return position is not None and position < self._count
+
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._names))
+        return iter(list(islice(self._order, self._count)))
 
     def __len__(self) -> int:
-        return len(self._names)
+        return self._count
 
 
 class StepContext(Generic[InputT]):

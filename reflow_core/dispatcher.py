@@ -61,7 +61,7 @@ class Dispatcher:
         self.holder = holder
         self.names = list(names)
         self.concurrency = concurrency
-        self.lease = lease
+        self.lease = lease  # also caches what every claim reads (see the property)
         self.poll_interval = poll_interval
         self.clock = clock
         self.observers = observers
@@ -89,6 +89,18 @@ class Dispatcher:
         # Set when a suspect was handed back because others ran here (see _claim_batch).
         self._suspect_yielded = False
 
+    @property
+    def lease(self) -> LeaseOptions:
+        """The lease options every claim and heartbeat uses."""
+        return self._lease
+
+    @lease.setter
+    def lease(self, lease: LeaseOptions) -> None:
+        # Derived once: the options are frozen, and each claim would recompute these.
+        self._lease = lease
+        self._lease_ms = lease.duration_ms
+        self._fence_after = lease.fence_after
+
     def stopping(self) -> bool:
         """True once :meth:`stop` was called."""
         return self._stopping
@@ -111,7 +123,7 @@ class Dispatcher:
         lease; return it with the loop time the claim was sent, where its fence starts."""
         sent = asyncio.get_running_loop().time()
         claimed = await self.storage.claim_next_run(
-            self.names, lease_ms=self.lease.duration_ms, holder=self.holder
+            self.names, lease_ms=self._lease_ms, holder=self.holder
         )
         return claimed, sent
 
@@ -127,7 +139,7 @@ class Dispatcher:
                 # instead of starting a second one.
                 previous.lease_id = claimed.lease_id
                 previous.attempt = run.attempt
-                previous.renewed(sent, self.lease.fence_after)
+                previous.renewed(sent, self._fence_after)
                 self._slots.release()
                 return None
             # Someone else held the run in between (or our execution is already being
@@ -141,7 +153,7 @@ class Dispatcher:
             workflow=run.workflow,
             lease_id=claimed.lease_id,
             attempt=run.attempt,
-            deadline=sent + self.lease.fence_after,
+            deadline=sent + self._fence_after,
         )
         active.arm()
         self.active[active.run_id] = active
@@ -188,9 +200,8 @@ class Dispatcher:
                 if self._others == 0:
                     self._others_done.set()
             self._slots.release()
-            task = asyncio.current_task()
-            if task is not None:
-                self._tasks.discard(task)
+            if active.task is not None:  # this task: spawn() set it before it ran
+                self._tasks.discard(active.task)
 
     async def _run_alone(self, claimed: ClaimedRun, active: ActiveRun) -> None:
         """Execute a run taken over from a holder that died, with nothing else beside it.
@@ -238,11 +249,11 @@ class Dispatcher:
         return taken
 
     async def _claim_batch(self, slots: int) -> tuple[int, BaseException | None]:
-        """Claim up to ``slots`` runs concurrently and start them; release unused slots.
+        """Claim up to ``slots`` runs in one storage call and start them; release unused
+        slots.
 
-        Concurrent claims let a group-committing adapter put them in one transaction:
-        under load this halves the storage work per run. A run claimed while the engine
-        is stopping is released at once instead of started. Returns (started, error).
+        A run claimed while the engine is stopping is released at once instead of
+        started. Returns (started, error).
         """
         self._claims_settled.clear()
         try:
@@ -253,11 +264,19 @@ class Dispatcher:
                 except Exception as exc:
                     outcomes.append(exc)
             else:
-                outcomes = list(
-                    await asyncio.gather(
-                        *(self.claim() for _ in range(slots)), return_exceptions=True
+                # One storage call for every free slot (contract 2.1: one statement on
+                # PostgreSQL, one transaction on SQLite). Sent no earlier than now, so
+                # the fences start early enough for all.
+                sent = asyncio.get_running_loop().time()
+                try:
+                    batch = await self.storage.claim_runs(
+                        self.names, lease_ms=self._lease_ms, holder=self.holder, limit=slots
                     )
-                )
+                except Exception as exc:
+                    outcomes = [exc, *([(None, sent)] * (slots - 1))]
+                else:
+                    outcomes = [(claimed, sent) for claimed in batch]
+                    outcomes.extend([(None, sent)] * (slots - len(outcomes)))
             error: BaseException | None = None
             claims: list[tuple[ClaimedRun, float]] = []
             for outcome in outcomes:
@@ -452,7 +471,7 @@ class Dispatcher:
         if lease_id != active.lease_id:
             return  # handed over meanwhile: this answer is about the old lease
         if held:
-            active.renewed(sent, self.lease.fence_after)
+            active.renewed(sent, self._fence_after)
             return
         reason: LeaseExpiredError | RunCancelledError = LeaseExpiredError(
             active.run_id, "the store refused its heartbeat (another worker claimed it)"

@@ -203,6 +203,7 @@ class Observers:
         # Weak: a stream its consumer dropped without closing is collected and skipped.
         self._streams: list[weakref.ref[EventStream]] = []
         self._hooked = False
+        self._kinds: frozenset[type[Any]] = frozenset()
         self._stopped = False
         self.refresh()
 
@@ -220,11 +221,17 @@ class Observers:
         self._table = table
         # Read several times per step on the hot path, so computed only on change.
         self._hooked = any(n != "reflow_error" for n in table)
+        self._kinds = frozenset(kind for kind, name in _HOOK_NAMES.items() if name in table)
 
     @property
     def listening(self) -> bool:
         """Whether any hook or stream would receive run events (else skip building them)."""
         return self._hooked or bool(self._streams)
+
+    def wants(self, kind: type[EngineEvent]) -> bool:
+        """Whether an event of ``kind`` would reach any hook or stream (else skip building
+        it): a hook for only ``reflow_run_completed`` costs nothing per step."""
+        return kind in self._kinds or bool(self._streams)
 
     @property
     def streams(self) -> list[EventStream]:
@@ -292,7 +299,8 @@ class Observers:
     async def _call(self, func: Callable[..., Any], event: Any, where: str) -> None:
         try:
             result = func(event)
-            if inspect.isawaitable(result):
+            # A sync hook returns None: skip isawaitable's ABC check for it.
+            if result is not None and inspect.isawaitable(result):
                 await self._settle(result)
         except Exception as exc:
             await self.error(HookError(where, exc))

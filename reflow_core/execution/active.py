@@ -71,7 +71,9 @@ class ActiveRun:
     def fenced(self) -> bool:
         """True once the local deadline passed: write nothing more for this run."""
         # Read on every write: the loop is kept from arm() rather than looked up each time.
-        loop = self._loop or asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:
+            loop = asyncio.get_running_loop()
         return loop.time() >= self.deadline
 
     def _fence_expired(self) -> None:

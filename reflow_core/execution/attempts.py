@@ -134,10 +134,22 @@ async def run_attempts(
     """
     row = ex.rows.get(unit.name)
     attempt = row.attempts if row is not None and row.status is StepStatus.RUNNING else 0
+    # An async step without timeout or scope (the common case) is awaited right here.
+    direct = unit.timeout is None and unit.is_async and scope is None
+    signals = ex.active.signals
     while True:
         attempt += 1
         try:
-            value = await _attempt(ex, unit, attempt, scope)
+            if direct:  # what _attempt does, without a frame of its own
+                ex.guard()  # never start a step once the lease fence has passed
+                signal = CancelSignal()
+                signals.add(signal)
+                try:
+                    value = await unit.fn(ex.context(unit.name, attempt, signal))
+                finally:
+                    signals.discard(signal)
+            else:
+                value = await _attempt(ex, unit, attempt, scope)
         except EarlyCompletion as done:
             return AttemptResult(attempts=attempt, value=done.value, early=True)
         except ControlFlow:
@@ -196,7 +208,7 @@ async def _retry_scheduled(
         info.message,
         delay,
     )
-    if ex.listening:
+    if ex.listens(RetryScheduled):
         await ex.emit(
             RetryScheduled,
             step=unit.name,

@@ -148,6 +148,9 @@ class RunExecution:
         self.input: Any = None
         self.failure: ErrorInfo | None = None
         self._encoded: dict[str, bytes] = {}
+        # Name -> position among recorded outputs, only growing: each context's ``steps``
+        # views a prefix of it rather than copying it.
+        self._order: dict[str, int] = {}
         self._types: dict[str, Any] = {}
         self.prev_name: str | None = None
         self.current: str | None = None
@@ -156,6 +159,8 @@ class RunExecution:
         """When this claim's execution began (monotonic seconds)."""
         self.ended = False
         """Whether the event ending this claim was sent (see :meth:`ended_with`)."""
+        self.listens: Callable[[type[EngineEvent]], bool] = runtime.observers.wants
+        """Whether an event of a kind would reach any hook or stream: build it only then."""
 
     @property
     def listening(self) -> bool:
@@ -172,7 +177,7 @@ class RunExecution:
     async def ended_with(self, kind: type[EngineEvent], **fields: Any) -> None:
         """Send the event that ends this claim (once), with its attempt and duration."""
         self.ended = True
-        if self.listening:
+        if self.listens(kind):
             await self.emit(kind, attempt=self.run.attempt, duration=self.elapsed(), **fields)
 
     def elapsed(self) -> float:
@@ -191,6 +196,7 @@ class RunExecution:
     ) -> None:
         """Remember a unit's output (plain data) for ``prev`` and ``steps``."""
         self._encoded[name] = encoded if encoded is not None else codec.encode(plain)
+        self._order.setdefault(name, len(self._order))
         if declared is not None:
             self._types[name] = declared
 
@@ -212,7 +218,7 @@ class RunExecution:
             attempt=attempt,
             input=self.input,
             prev_loader=(lambda: self.output(prev_name)) if prev_name else (lambda: None),
-            steps=StepOutputs(dict.fromkeys(self._encoded), self.output),
+            steps=StepOutputs(self._order, self.output, len(self._order)),
             cancel=signal,
         )
 
@@ -227,14 +233,20 @@ class RunExecution:
         error: ErrorInfo | None = None,
         attempts: int = 0,
         wake_at: int | None = None,
+        encoded: bytes | None = None,
     ) -> StepResult:
-        """Lease-checked upsert of unit ``name``'s row; :class:`LeaseExpiredError` if refused."""
+        """Lease-checked upsert of unit ``name``'s row; :class:`LeaseExpiredError` if refused.
+
+        ``encoded`` is ``codec.encode(output)`` when the caller has it: storage then
+        reuses it instead of encoding the output a second time.
+        """
         row = self.step_row(
             name, status, output=output, error=error, attempts=attempts, wake_at=wake_at
         )
         self.guard()
+        known = None if encoded is None else codec.encoded_as(output, encoded)
         try:  # the common case, without building the retry machinery
-            written = await self.storage.save_step_result(row, self.lease_id)
+            written = await self.storage.save_step_result(row, self.active.lease_id)
         except StorageError:
 
             async def landed() -> bool:
@@ -253,6 +265,9 @@ class RunExecution:
                 landed,
                 failed=True,
             )
+        finally:
+            if known is not None:
+                codec.forget(known)
         if not written:
             raise LeaseExpiredError(
                 self.run.id,
@@ -269,6 +284,7 @@ class RunExecution:
         landed: Callable[[], Awaitable[bool]],
         *,
         failed: bool = False,
+        first_error: StorageError | None = None,
     ) -> bool:
         """A lease-checked write, retried with backoff while a transient ``StorageError``
         lasts and the lease fence allows, instead of abandoning the run at the first one.
@@ -276,10 +292,24 @@ class RunExecution:
         A write that raised may still have been applied (the answer was lost, not the
         commit), so a retry answered ``False`` after an error asks ``landed`` whether the
         first attempt's effect is in storage before calling the lease lost.
+        ``first_error`` is what the caller's own first call raised: handled as if this
+        loop's first call had raised it.
         """
         loop = asyncio.get_running_loop()
         delay = _RETRY_FIRST_S
-        if failed:  # the caller's own first attempt raised: wait before the retry
+        if first_error is not None:
+            if loop.time() + delay >= self.active.deadline:
+                raise first_error
+            self._log(
+                logging.WARNING,
+                "run %s (%s): %s failed (%s); retrying within the lease",
+                operation,
+                first_error,
+            )
+            failed = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RETRY_MAX_S)
+        elif failed:  # the caller's own first attempt raised: wait before the retry
             self._log(
                 logging.WARNING,
                 "run %s (%s): %s failed; retrying within the lease",
@@ -373,7 +403,7 @@ class RunExecution:
     async def _execute(self) -> None:
         if log.isEnabledFor(logging.DEBUG):
             self._log(logging.DEBUG, "run %s (%s): claimed (claim %d)", self.run.attempt)
-        if self.listening:
+        if self.listens(RunStarted):
             await self._announce()
         if self.run.attempt > 1:  # a first claim cannot have checkpoints: skip the read
             self.rows = {row.name: row for row in await self.storage.get_step_results(self.run.id)}
@@ -397,13 +427,21 @@ class RunExecution:
             elif outcome is Outcome.SUSPEND:
                 return
             elif outcome is Outcome.COMPLETE:
-                await self.complete(self.plain_output(unit.name))
+                await self._complete_with(unit.name)
                 return
             elif outcome is Outcome.FAIL:
                 assert self.failure is not None
                 await self.fail(self.failure)
                 return
-        await self.complete(self.plain_output(self.prev_name))
+        await self._complete_with(self.prev_name)
+
+    async def _complete_with(self, name: str | None) -> None:
+        """Complete the run with unit ``name``'s output (none for no unit)."""
+        if name is None:
+            await self.complete(None)
+            return
+        encoded = self._encoded[name]
+        await self.complete(codec.decode(encoded), encoded)
 
     async def _announce(self) -> None:
         run = self.run
@@ -436,15 +474,27 @@ class RunExecution:
         error = RecoveryLimitError(self.run.id, self.run.recoveries, self.workflow.max_recoveries)
         return describe_error(error, step)
 
-    async def complete(self, output: Any) -> None:
-        """Store the run's output and mark it completed."""
-        stored = await self.retrying(
-            "update_claimed_run_status",
-            lambda: self.storage.update_claimed_run_status(
-                self.run.id, self.lease_id, RunStatus.COMPLETED, output=output
-            ),
-            lambda: self._status_is(RunStatus.COMPLETED),
-        )
+    async def complete(self, output: Any, encoded: bytes | None = None) -> None:
+        """Store the run's output and mark it completed (``encoded``: as in :meth:`save`)."""
+        known = None if encoded is None else codec.encoded_as(output, encoded)
+        try:
+            self.guard()
+            try:  # the common case, without building the retry machinery
+                stored = await self.storage.update_claimed_run_status(
+                    self.run.id, self.active.lease_id, RunStatus.COMPLETED, output=output
+                )
+            except StorageError as exc:
+                stored = await self.retrying(
+                    "update_claimed_run_status",
+                    lambda: self.storage.update_claimed_run_status(
+                        self.run.id, self.lease_id, RunStatus.COMPLETED, output=output
+                    ),
+                    lambda: self._status_is(RunStatus.COMPLETED),
+                    first_error=exc,
+                )
+        finally:
+            if known is not None:
+                codec.forget(known)
         if not stored:
             raise LeaseExpiredError(self.run.id)
         if log.isEnabledFor(logging.DEBUG):

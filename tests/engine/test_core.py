@@ -540,6 +540,13 @@ class GatedClaims:
             await self.gate.wait()
         return claimed
 
+    async def claim_runs(self, names: Any, **lease: Any) -> Any:
+        batch = await self._inner.claim_runs(names, **lease)
+        if self.gated and batch:
+            self.entered.set()
+            await self.gate.wait()
+        return batch
+
 
 def test_claim_landing_during_stop_is_released_not_started(storage_factory: Any) -> None:
     """stop() while a claim is in flight: the run it claims is released, never executed."""

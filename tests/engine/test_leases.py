@@ -484,6 +484,12 @@ class ClaimSignals:
             self.claimed.set()
         return claimed
 
+    async def claim_runs(self, names: Any, **lease: Any) -> Any:
+        batch = await self._inner.claim_runs(names, **lease)
+        if any(claimed.run.workflow == self.workflow for claimed in batch):
+            self.claimed.set()
+        return batch
+
 
 def test_a_run_taken_over_from_a_dead_worker_runs_alone(
     storage_factory: Any, clock: FakeClock
@@ -559,6 +565,13 @@ class ClaimCounter:
             self.claims += 1
             self.claimed.set()
         return claimed
+
+    async def claim_runs(self, names: Any, **lease: Any) -> Any:
+        batch = await self._inner.claim_runs(names, **lease)
+        if batch:
+            self.claims += len(batch)
+            self.claimed.set()
+        return batch
 
 
 @pytest.mark.parametrize("someone_else_in_between", [False, True], ids=["handover", "replay"])

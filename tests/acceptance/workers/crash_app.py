@@ -281,6 +281,29 @@ class LoggingStorage:
             )
         return claimed
 
+    async def claim_runs(
+        self,
+        workflow_names: Collection[str],
+        *,
+        lease_ms: int,
+        holder: LeaseHolder | None = None,
+        limit: int,
+    ) -> list[ClaimedRun]:
+        """Claim a batch, and report each claim."""
+        if self._hung and self._claims_hang_too:
+            return []
+        sent = time.time_ns()
+        batch = await self._inner.claim_runs(
+            workflow_names, lease_ms=lease_ms, holder=holder, limit=limit
+        )
+        for claimed in batch:
+            run = claimed.run
+            who = "-" if run.holder is None else run.holder.worker
+            emit(
+                "CLAIM", run.id, _lease(claimed.lease_id), run.attempt, run.recoveries, who, at=sent
+            )
+        return batch
+
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
         """Heartbeat, reporting a lost lease (every answer with ``log_heartbeats``), or hang."""
         sent = time.time_ns()
