@@ -2,7 +2,8 @@
 
 Design in brief (the queries themselves are in ``queries.sql``):
 
-* One pool (``pool.py``) of autocommit connections. A method that is one SQL
+* One ``psycopg_pool`` pool of autocommit connections (configured in ``pool.py``: a
+  checkout costs no round trip). A method that is one SQL
   statement runs as that statement, prepared, with no BEGIN/COMMIT and no health-check
   round trip; a method that needs several runs them in one explicit transaction (sent
   as one pipeline where no answer decides the next statement). Either way a failed
@@ -41,6 +42,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mappi
 from typing import Any, LiteralString
 
 import psycopg
+import psycopg_pool
 from psycopg import AsyncConnection, sql
 from psycopg.adapt import AdaptersMap
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -80,7 +82,7 @@ from reflow_core.types import (
 from . import admin
 from .conninfo import advisory_key, split_dsn, with_schema_param
 from .notify import listen
-from .pool import ConnectionPool, PoolTimeout
+from .pool import POOL_ERRORS, new_pool
 from .records import (
     dump_error,
     dump_holder,
@@ -102,9 +104,9 @@ _RACE_RETRIES = 3
 
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,49}")
-# What a call may raise when the server, the network or the pool fails. The pool's
-# errors derive from psycopg.OperationalError.
-_DRIVER_ERRORS = (psycopg.Error, OSError)
+# What a call may raise when the server, the network or the pool fails. PoolTimeout and
+# PoolClosed derive from psycopg.OperationalError; listed for the reader.
+_DRIVER_ERRORS = (psycopg.Error, *POOL_ERRORS, OSError)
 _CONNECT_TIMEOUT_S = 5
 """libpq's connect_timeout unless the DSN sets one: a replacement connection after churn
 must fail fast, not hang on an unreachable server."""
@@ -120,7 +122,7 @@ def _connection_lost(exc: StorageError) -> bool:
     cause = exc.__cause__
     if isinstance(cause, OSError):
         return True
-    if isinstance(cause, PoolTimeout):
+    if isinstance(cause, POOL_ERRORS):
         return False
     if isinstance(cause, psycopg.errors.AdminShutdown | psycopg.errors.CrashShutdown):
         return True
@@ -198,7 +200,7 @@ class PostgresStorage:
         # json columns load as their exact text; the codec, not psycopg, decodes them.
         self._adapters = AdaptersMap(psycopg.adapters)
         self._adapters.register_loader("json", TextLoader)
-        self._pool: ConnectionPool[AsyncConnection[DictRow]] | None = None
+        self._pool: psycopg_pool.AsyncConnectionPool[AsyncConnection[DictRow]] | None = None
         self._closed = False
         self._listeners: set[AsyncConnection[Any]] = set()
 
@@ -254,13 +256,14 @@ class PostgresStorage:
                 raise self._unavailable(operation)
             try:
                 with self._translated(operation):
-                    conn = await pool.acquire()
+                    conn = await pool.getconn()
                     try:
                         cur = await conn.execute(query, params, prepare=True)
                         rows = await cur.fetchall() if cur.description is not None else []
                         return rows, cur.rowcount
                     finally:
-                        pool.release(conn)
+                        # Discards a broken connection (a replacement is opened).
+                        await pool.putconn(conn)
             except StorageError as exc:
                 if attempt == 2 or not idempotent or not _connection_lost(exc):
                     raise
@@ -326,18 +329,19 @@ class PostgresStorage:
             return
         # A connection killed while idle (server restart, failover, a terminated
         # backend) is noticed and replaced at checkout without a round trip: see pool.py.
-        pool: ConnectionPool[AsyncConnection[DictRow]] = ConnectionPool(
+        pool = new_pool(
             self._conninfo,
-            connection_class=AsyncConnection,
             kwargs={"autocommit": True, "row_factory": dict_row, "context": self._adapters},
             min_size=self._min_size,
             max_size=self._max_size,
+            name=f"reflow:{self.schema}",
         )
         try:
             with self._translated("initialize"):
-                # A wrong DSN or a server that is down fails here at once, with libpq's
-                # message.
-                await pool.open()
+                # One direct connection first: a wrong DSN or a server that is down fails
+                # here at once with libpq's message, not after the pool's timeout.
+                await (await AsyncConnection.connect(self._conninfo)).close()
+                await pool.open(wait=True)
         except StorageError:
             await pool.close()
             raise

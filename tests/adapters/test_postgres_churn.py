@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import postgres_fixtures
 
 from reflow_adapters.postgres import PostgresStorage
-from reflow_adapters.postgres.pool import ConnectionPool, PoolTimeout
 from reflow_core import Engine, StepContext, Workflow
+from reflow_core.errors import StorageError
 from reflow_core.lease import LeaseOptions
 from reflow_core.types import RunStatus, WorkflowRun
 
@@ -76,14 +76,30 @@ def test_connections_killed_while_idle_are_replaced_without_failing_a_call(
     app = f"reflow:{pg_schema}"
 
     async def main() -> None:
-        storage = PostgresStorage(pg_dsn, schema=pg_schema, max_size=3)
+        size = 6
+        storage = PostgresStorage(pg_dsn, schema=pg_schema, max_size=size)
         await storage.initialize()
+        assert storage._pool is not None
+        # Well under the sum of psycopg_pool's sleeps between failed checks (1 s, 2 s,
+        # 4 s...) over six dead connections: met one by one, they would time out.
+        storage._pool.timeout = 5.0
         async with await psycopg.AsyncConnection.connect(pg_dsn, autocommit=True) as admin:
             await storage.create_run(new_run("r"))
-            # Three connections open and idle in the pool.
-            await asyncio.gather(*(storage.get_run("r") for _ in range(3)))
-            assert await backends(admin, app) >= 1
-            assert await terminate(admin, app) >= 1
+            all_held = asyncio.Event()
+            held = 0
+
+            async def hold() -> None:
+                nonlocal held
+                async with storage._connection("hold"):
+                    held += 1
+                    if held == size:
+                        all_held.set()
+                    await all_held.wait()
+
+            # Six connections open, then all idle in the pool.
+            await asyncio.gather(*(hold() for _ in range(size)))
+            assert await backends(admin, app) == size
+            assert await terminate(admin, app) == size
 
             async def gone() -> bool:
                 return await backends(admin, app) == 0
@@ -92,7 +108,7 @@ def test_connections_killed_while_idle_are_replaced_without_failing_a_call(
             # Not idempotent, so never retried: it succeeds only because the dead
             # connections were noticed at checkout, before anything was sent.
             assert await storage.update_run_status("r", RunStatus.CANCELLED)
-            assert await backends(admin, app) == 1
+            assert await backends(admin, app) >= 1
         stored = await storage.get_run("r")
         assert stored is not None and stored.status is RunStatus.CANCELLED
         await storage.close()
@@ -238,34 +254,26 @@ def test_an_engine_finishes_every_run_while_its_backends_are_terminated_repeated
     assert set(recorder.bodies) == recorder.checkpointed
 
 
-def test_the_pool_hands_a_returned_connection_to_a_waiter_and_times_out_clearly(
-    pg_dsn: str,
+def test_a_call_that_finds_no_free_connection_fails_with_the_pool_timeout_unretried(
+    pg_dsn: str, pg_schema: str
 ) -> None:
     async def main() -> None:
-        pool: ConnectionPool[psycopg.AsyncConnection[Any]] = ConnectionPool(
-            pg_dsn,
-            connection_class=psycopg.AsyncConnection,
-            kwargs={"autocommit": True},
-            min_size=1,
-            max_size=1,
-            wait_timeout_s=0.2,
-        )
-        await pool.open()
-        held = await pool.acquire()
-        with pytest.raises(PoolTimeout, match=r"no PostgreSQL connection came free within 0\.2s"):
-            await pool.acquire()
-        waiting = asyncio.create_task(pool.acquire())
-        # One turn of the loop lets it queue behind the held connection (had it not,
-        # it would take the same connection from the idle list: the result is alike).
-        await asyncio.sleep(0)
-        pool.release(held)
-        handed = await asyncio.wait_for(waiting, WAIT_S)
-        assert handed is held  # handed over, not reopened
-        cur = await handed.execute("SELECT 1")
-        assert await cur.fetchone() == (1,)
-        pool.release(handed)
-        await pool.close()
-        with pytest.raises(psycopg.OperationalError, match="pool is closed"):
-            await pool.acquire()
+        storage = PostgresStorage(pg_dsn, schema=pg_schema, max_size=1)
+        await storage.initialize()
+        await storage.create_run(new_run("r"))
+        pool = storage._pool
+        assert pool is not None
+        pool.timeout = 0.2  # the configured wait (30 s) is too long for a test
+        async with storage._connection("hold"):
+            # get_run is idempotent, but a pool timeout is not a lost connection: one
+            # wait, not two, and a StorageError naming the operation.
+            with pytest.raises(StorageError, match=r"get_run.*couldn't get a connection"):
+                await storage.get_run("r")
+            assert pool.get_stats().get("requests_errors", 0) == 1
+        stored = await storage.get_run("r")  # the held connection came back usable
+        assert stored is not None
+        await storage.close()
+        with pytest.raises(StorageError, match="adapter is closed"):
+            await storage.get_run("r")
 
     asyncio.run(main())
