@@ -37,7 +37,8 @@ import asyncio, gc, json, os, sys, tempfile, time, uuid
 from pathlib import Path
 from reflow_core import Engine, Workflow
 
-adapter, steps, runs, concurrency = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+adapter, steps = sys.argv[1], int(sys.argv[2])
+runs, concurrency = int(sys.argv[3]), int(sys.argv[4])
 
 def make_workflow(n):
     wf = Workflow(f"bench{n}")
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     with tempfile.TemporaryDirectory(prefix="reflow-ab-") as tmp:
         base = Side(f"baseline {args.baseline}", export(args.baseline, Path(tmp), "baseline"))
-        cand_tree = ROOT if args.candidate is None else export(args.candidate, Path(tmp), "candidate")
+        cand_tree = (
+            ROOT if args.candidate is None else export(args.candidate, Path(tmp), "candidate")
+        )
         cand = Side(f"candidate {args.candidate or 'working tree'}", cand_tree)
         print(f"A/B: {base.name} vs {cand.name}; 5-step runs, {args.runs} per measurement, "
               f"concurrency {args.concurrency}, {args.rounds} rounds interleaved")
