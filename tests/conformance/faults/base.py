@@ -133,8 +133,9 @@ class Fault:
 
     @property
     def select(self) -> str:
-        """The cases the test runs and asserts: exactly ``caught_by``."""
-        return ",".join(sorted(self.caught_by))
+        """The cases the test runs: ``caught_by``, and for a race every mode that races
+        it (``raced_by``), since a race is caught by one mode or another."""
+        return ",".join(sorted(self.measured if self.race else self.caught_by))
 
     @property
     def measured(self) -> frozenset[str]:

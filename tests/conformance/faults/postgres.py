@@ -1144,9 +1144,10 @@ fault(
     methods=("heartbeat_run",),
     change="heartbeat_run checks the lease in one statement and renews by id next",
     handlers={("heartbeat_run", "heartbeat_run"): _split_held_write("heartbeat_run")},
-    caught_by={"rules.race_held_vs_takeover_threads"},
+    # Coroutines: 20/20 and 40/40 measured; the threads race catches it 18/20 only.
+    caught_by={"rules.race_held_vs_takeover_coroutines"},
     race=True,
-    raced_by={"rules.race_held_vs_takeover_coroutines"},
+    raced_by={"rules.race_held_vs_takeover_threads"},
 )
 
 
