@@ -10,14 +10,12 @@ adapter is known to Reflow only through the entry point pip wrote, as for a user
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from importlib import resources
 from pathlib import Path
 
 import pytest
+from helpers import pip_install_into, run_python
 
 from reflow_conformance.skeleton import (
     MAX_NAME_LENGTH,
@@ -42,14 +40,7 @@ EXPECTED_FILES = [
 ]
 
 
-def _run(args: list[str], cwd: Path, site: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
-    env.pop("PYTHONPATH", None)
-    if site is not None:
-        env["PYTHONPATH"] = str(site)
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
-    )
+_run = run_python
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +58,7 @@ def installed(project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The skeleton pip-installed into a fresh site directory."""
     pytest.importorskip("hatchling", reason="building the skeleton needs hatchling")
     site = tmp_path_factory.mktemp("site")
-    result = _run(
-        [
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(site),
-            str(project),
-        ],
-        cwd=tmp_path_factory.mktemp("build"),
-    )
+    result = pip_install_into(project, site, tmp_path_factory.mktemp("build"))
     assert result.returncode == 0, result.stdout + result.stderr
     [dist_info] = site.glob("reflow_acme_kv-*.dist-info")
     assert (

@@ -12,24 +12,15 @@ there only because it was installed, and known to Reflow only through its entry 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import pip_install_into, run_python
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "reflow-adapter-example"
 
 
-def _run(args: list[str], cwd: Path, site: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
-    env.pop("PYTHONPATH", None)
-    if site is not None:
-        env["PYTHONPATH"] = str(site)
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
-    )
+_run = run_python
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +28,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The example package pip-installed into a fresh site directory."""
     pytest.importorskip("hatchling", reason="building the example needs hatchling")
     site = tmp_path_factory.mktemp("site")
-    result = _run(
-        [
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(site),
-            str(EXAMPLE),
-        ],
-        cwd=tmp_path_factory.mktemp("build"),
-    )
+    result = pip_install_into(EXAMPLE, site, tmp_path_factory.mktemp("build"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert (site / "reflow_example_adapter" / "plugin.py").is_file()
     [dist_info] = site.glob("reflow_adapter_example-*.dist-info")
