@@ -25,7 +25,7 @@ from reflow_core.errors import ConfigError
 from reflow_core.storage import StorageAdapter, check_purge_args
 from reflow_core.types import RunStatus
 
-__all__ = ["RetentionPolicy", "purge_finished", "retention_loop"]
+__all__ = ["RetentionPolicy", "purge_before", "purge_finished", "retention_loop"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,13 +72,25 @@ async def purge_finished(
     batches of ``batch``; return how many were deleted.
 
     The cutoff is fixed once, on the store's clock, so a purge ends even while new runs
-    finish; the loop yields to the event loop between batches.
+    finish.
     """
     cutoff = await storage.now() - older_than_ms
+    return await purge_before(storage, finished_before=cutoff, batch=batch, statuses=statuses)
+
+
+async def purge_before(
+    storage: StorageAdapter,
+    *,
+    finished_before: int,
+    batch: int = 500,
+    statuses: Collection[RunStatus] | None = None,
+) -> int:
+    """Delete every finished run with ``updated_at < finished_before`` (store-clock ms),
+    ``batch`` per storage call, yielding to the event loop in between; return the count."""
     total = 0
     while True:
         deleted = await storage.purge_runs(
-            finished_before=cutoff, limit=batch, statuses=statuses
+            finished_before=finished_before, limit=batch, statuses=statuses
         )
         total += deleted
         if deleted < batch:

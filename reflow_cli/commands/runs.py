@@ -31,6 +31,7 @@ from reflow_cli.explain import Facts, explain
 from reflow_cli.text import age, when
 from reflow_core.durations import to_millis
 from reflow_core.errors import ConfigError
+from reflow_core.retention import purge_before
 from reflow_core.storage import TERMINAL_STATUSES, StorageAdapter
 from reflow_core.types import RunFilter, RunStatus, StepResult, WorkflowRun
 
@@ -523,14 +524,10 @@ def purge_runs(
             cutoff = await store.now() - keep_ms
             if dry_run:
                 return cutoff, await count_purgeable(store, cutoff, chosen)
-            total = 0
-            while True:
-                deleted = await store.purge_runs(
-                    finished_before=cutoff, limit=batch, statuses=chosen
-                )
-                total += deleted
-                if deleted < batch:
-                    return cutoff, total
+            deleted = await purge_before(
+                store, finished_before=cutoff, batch=batch, statuses=chosen
+            )
+            return cutoff, deleted
 
     cutoff, count = run_command(work)
     statuses_text = ", ".join(sorted(chosen))
