@@ -15,10 +15,13 @@ from typing import Any, TypeVar
 import click
 import msgspec
 from rich.console import Console
+from rich.text import Text
 
 from reflow_cli.text import age, when
+from reflow_cli.values import is_damaged, value_text
 
 __all__ = [
+    "DAMAGE_STYLE",
     "EXIT_OK",
     "EXIT_REFUSED",
     "EXIT_USAGE",
@@ -30,6 +33,7 @@ __all__ = [
     "json_option",
     "storage_option",
     "to_json",
+    "value_cell",
     "value_text",
     "when",
 ]
@@ -72,7 +76,10 @@ def json_option(command: F) -> F:
 
 
 def to_json(value: Any) -> Any:
-    """A record (msgspec struct, enum, list of them) as plain JSON-ready values."""
+    """A record (msgspec struct, enum, list of them) as plain JSON-ready values.
+
+    Not for records holding stored values: :func:`reflow_cli.values.record_json` keeps a
+    damaged value out of the value's place."""
     return msgspec.to_builtins(value)
 
 
@@ -87,7 +94,13 @@ def console() -> Console:
     return out if out.is_terminal else Console(highlight=False, width=160)
 
 
-def value_text(value: Any, width: int = 60) -> str:
-    """A stored value as one JSON line, cut at ``width`` characters."""
-    text = json.dumps(to_json(value), default=str, ensure_ascii=False)
-    return text if len(text) <= width else text[: width - 1] + "…"
+DAMAGE_STYLE = "bold yellow"
+"""How rich output shows a value that cannot be decoded: a warning, not a value."""
+
+
+def value_cell(value: Any, width: int = 60) -> Text:
+    """A stored value for rich output (:func:`value_text`), a damaged one as a warning
+    and cut no shorter than 200 characters, so the stored text shows after the error."""
+    if is_damaged(value):
+        return Text(value_text(value, max(width, 200)), style=DAMAGE_STYLE)
+    return Text(value_text(value, width))

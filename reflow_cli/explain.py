@@ -8,6 +8,12 @@ older pending runs of the workflow (:attr:`Facts.older_pending`).
 
 One situation per run, named by a stable code (:class:`Situation`); the explanation is
 one sentence for where the run is and one for what to do.
+
+A stored value that cannot be decoded (the run's input, or a step's checkpointed output)
+decides an unfinished run's fate whatever its status says: the engine fails it with
+``DAMAGED_VALUE`` at its next claim. Such a run is :attr:`Situation.DAMAGED`; a finished
+one keeps its situation, with the damage in its details and an action that does not
+send the operator to a resume or retry bound to fail again.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import enum
 from dataclasses import dataclass, field
 
 from reflow_cli.text import age, when
+from reflow_cli.values import Damage, damaged_values
 from reflow_core.types import RunStatus, StepResult, StepStatus, WorkflowRun
 
 __all__ = ["Explanation", "Facts", "Situation", "explain"]
@@ -45,6 +52,8 @@ class Situation(enum.StrEnum):
     SLEEP_OVERDUE = "sleep-overdue"
     WAITING = "waiting"
     WAIT_OVERDUE = "wait-overdue"
+    DAMAGED = "damaged"
+    """Unfinished, but its input or a checkpoint cannot be decoded: the next claim fails it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,10 +108,60 @@ def _recoveries(run: WorkflowRun) -> list[str]:
     return [f"It was taken over from an expired lease {times} (a worker crashed or hung)."]
 
 
+def _cannot_decode(damage: Damage) -> str:
+    return f"{damage.what} cannot be decoded ({damage.marker.error})"
+
+
+def _damage_action(run: WorkflowRun, damaged: list[Damage], verb: str) -> str:
+    """What to do about a run holding ``damaged`` values; ``verb`` says how to stop it
+    first (empty for a run that has ended)."""
+    rid = run.id
+    look = f"'reflow runs show {rid}' prints the start of the stored text."
+    if any(d.value == "input" and d.step is None for d in damaged):
+        return (
+            f"{verb}enqueue a new run with a correct input from your application "
+            f"(engine.enqueue); {look}"
+        )
+    return (
+        f"{verb}'reflow runs retry {rid}' starts a new run with the same input from the "
+        f"first step; {look}"
+    )
+
+
+def _explain_damaged(facts: Facts, damaged: list[Damage]) -> Explanation:
+    """An unfinished run holding a value that cannot be decoded."""
+    run, rid = facts.run, facts.run.id
+    first, *others = damaged
+    if run.status is RunStatus.RUNNING:
+        fate = (
+            "if it is claimed again (after a sleep, a wait or a lost lease), that claim "
+            "fails it with DAMAGED_VALUE"
+        )
+    else:
+        fate = "the next worker to claim it fails it with DAMAGED_VALUE"
+    return Explanation(
+        Situation.DAMAGED,
+        f"Run {rid} of workflow {run.workflow!r} is {run.status.value}, but "
+        f"{_cannot_decode(first)}: {fate}; other runs are unaffected.",
+        _damage_action(
+            run,
+            damaged,
+            f"Cancel it with 'reflow runs cancel {rid}' (resuming it afterwards "
+            "would keep the damaged value), then ",
+        ),
+        [f"Also, {_cannot_decode(d)}." for d in others],
+    )
+
+
 def explain(facts: Facts) -> Explanation:
     """The explanation of ``facts.run``; see :class:`Situation` for the cases."""
     run, now = facts.run, facts.now
     rid, wf = run.id, run.workflow
+    damaged = damaged_values(run, facts.steps)
+    still = [f"{(text := _cannot_decode(d))[:1].upper()}{text[1:]}." for d in damaged]
+    # What a claim would read (the engine fails the run on these); a run's own output is
+    # not read back, and resuming clears it.
+    blocking = [d for d in damaged if d.step is not None or d.value == "input"]
     if run.status is RunStatus.COMPLETED:
         done = sum(1 for s in facts.steps if s.status.is_done)
         return Explanation(
@@ -110,15 +169,20 @@ def explain(facts: Facts) -> Explanation:
             f"Run {rid} of workflow {wf!r} completed at {when(run.updated_at)} "
             f"({_ago(facts, run.updated_at)}) with {done} step(s) checkpointed.",
             "Nothing to do; 'reflow runs purge' removes it once it is older than your "
-            "retention period.",
+            "retention period."
+            + (f" 'reflow runs show {rid}' prints the start of the stored text." if still else ""),
+            still,
         )
     if run.status is RunStatus.CANCELLED:
         return Explanation(
             Situation.CANCELLED,
             f"Run {rid} of workflow {wf!r} was cancelled at {when(run.updated_at)} "
             f"({_ago(facts, run.updated_at)}).",
-            f"To continue it where it stopped, keeping completed steps: reflow runs resume "
-            f"{rid}; to start over as a new run: reflow runs retry {rid}.",
+            _damage_action(run, blocking, "Resuming it would fail it with DAMAGED_VALUE; ")
+            if blocking
+            else f"To continue it where it stopped, keeping completed steps: reflow runs "
+            f"resume {rid}; to start over as a new run: reflow runs retry {rid}.",
+            still,
         )
     if run.status is RunStatus.FAILED:
         step = _failed_step(facts)
@@ -129,10 +193,15 @@ def explain(facts: Facts) -> Explanation:
             Situation.FAILED,
             f"Run {rid} of workflow {wf!r} failed{at} after {run.recoveries} {recovered} "
             f"and {run.attempt} claim(s), at {when(run.updated_at)}{reason}.",
-            f"Fix the cause (see 'reflow runs show {rid}' for the traceback), then "
+            _damage_action(run, blocking, "Resuming it fails again; ")
+            if blocking
+            else f"Fix the cause (see 'reflow runs show {rid}' for the traceback), then "
             f"'reflow runs resume {rid}' re-runs{at or ' it'} keeping completed steps, or "
             f"'reflow runs retry {rid}' starts a new run from the first step.",
+            still,
         )
+    if blocking:
+        return _explain_damaged(facts, blocking)
     if run.status is RunStatus.PENDING:
         if facts.older_pending:
             return Explanation(

@@ -66,6 +66,7 @@ from reflow_core.lease import LeaseOptions
 from reflow_core.migrations import MigratableStorage, SchemaNotCurrentError
 from reflow_core.registry import plugin_manager
 from reflow_core.storage import StorageAdapter
+from reflow_core.waits import wait_set
 from reflow_core.workflow import Workflow
 
 __all__ = [
@@ -514,8 +515,7 @@ async def serve(config: WorkerConfig, *, supervisor_pid: int | None = None) -> i
                 if supervisor_pid is not None and os.getppid() != supervisor_pid:
                     log.warning("supervisor (pid %d) is gone; stopping", supervisor_pid)
                     break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                await wait_set(stop, 1.0)
             began = time.monotonic()
             await engine.stop(config.grace)
             log.info("worker stopped in %.2fs", time.monotonic() - began)

@@ -16,24 +16,26 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from reflow_cli.common import (
+    DAMAGE_STYLE,
     Refused,
     console,
     echo_json,
     json_option,
     storage_option,
-    to_json,
-    value_text,
+    value_cell,
 )
 from reflow_cli.db import opened, run_command
 from reflow_cli.explain import Facts, explain
 from reflow_cli.text import age, when
+from reflow_cli.values import damaged_values, record_json
 from reflow_core.durations import to_millis
 from reflow_core.errors import ConfigError
 from reflow_core.retention import purge_before
 from reflow_core.storage import TERMINAL_STATUSES, StorageAdapter
-from reflow_core.types import RunFilter, RunStatus, StepResult, WorkflowRun
+from reflow_core.types import DamagedValue, RunFilter, RunStatus, StepResult, WorkflowRun
 
 __all__ = ["runs"]
 
@@ -92,11 +94,6 @@ def parse_time(text: str, now: int, option: str) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
-
-
-def _run_json(run: WorkflowRun) -> dict[str, Any]:
-    data: dict[str, Any] = to_json(run)
-    return data
 
 
 # -- list ----------------------------------------------------------------------------
@@ -187,22 +184,39 @@ def list_runs(
 
     page, next_cursor = run_command(work)
     if as_json:
-        echo_json({"runs": [_run_json(r) for r in page], "next_cursor": next_cursor})
+        echo_json({"runs": [record_json(r) for r in page], "next_cursor": next_cursor})
         return
+    damaged = {run.id: [d.value for d in damaged_values(run, [])] for run in page}
     table = Table(title=f"{len(page)} run(s), newest first", title_justify="left")
-    for column in ("id", "workflow", "status", "claims", "created", "updated"):
+    columns = ["id", "workflow", "status", "claims", "created", "updated"]
+    # The column only when needed: a healthy page prints as it always did.
+    columns += ["damage"] if any(damaged.values()) else []
+    for column in columns:
         table.add_column(column, no_wrap=column == "id")
     for run in page:
-        table.add_row(
+        cells: list[str | Text] = [
             run.id,
             run.workflow,
             run.status.value,
             str(run.attempt),
             when(run.created_at),
             when(run.updated_at),
-        )
+        ]
+        if len(columns) > len(cells):
+            what = ", ".join(damaged[run.id])
+            cells.append(Text(f"damaged: {what}" if what else "", style=DAMAGE_STYLE))
+        table.add_row(*cells)
     out = console()
     out.print(table)
+    if any(damaged.values()):
+        out.print(
+            Text(
+                "A run marked damaged holds a stored value that cannot be decoded; "
+                "'reflow runs explain RUN' says what happens to it and what to do.",
+                style=DAMAGE_STYLE,
+            ),
+            soft_wrap=True,
+        )
     if next_cursor:
         out.print(f"next page: --cursor {next_cursor}", soft_wrap=True)
 
@@ -219,8 +233,8 @@ async def _load(store: StorageAdapter, run_id: str, url: str) -> tuple[WorkflowR
 
 def _show_json(run: WorkflowRun, steps: list[StepResult], now: int) -> dict[str, Any]:
     return {
-        "run": _run_json(run),
-        "steps": [to_json(step) for step in steps],
+        "run": record_json(run),
+        "steps": [record_json(step) for step in steps],
         "now": now,
         "heartbeat_age_ms": now - run.heartbeat_at if run.heartbeat_at is not None else None,
         "lease_expires_in_ms": (
@@ -285,22 +299,30 @@ def show_run(run_id: str, storage: str, as_json: bool) -> None:
         "awaits": f"event {run.waiting_for!r}" if run.waiting_for else "",
         "created": when(run.created_at),
         "updated": when(run.updated_at),
-        "input": value_text(run.input, 200),
-        "output": value_text(run.output, 200) if run.status is RunStatus.COMPLETED else "",
+        "input": value_cell(run.input, 200),
+        "output": (
+            value_cell(run.output, 200)
+            if run.status is RunStatus.COMPLETED or isinstance(run.output, DamagedValue)
+            else ""
+        ),
         "error": f"{run.error.type}: {run.error.message}" if run.error else "",
     }
     for key, text in fields.items():
         if text:
-            out.print(f"[bold]{key:>9}[/bold]  {text}", highlight=False, soft_wrap=True)
+            # A Text, not markup: a stored value may hold brackets rich would interpret.
+            line = Text.assemble((f"{key:>9}", "bold"), "  ", text)
+            out.print(line, highlight=False, soft_wrap=True)
     table = Table(title="steps", title_justify="left")
     for column in ("step", "status", "attempts", "updated", "output / error"):
         table.add_column(column)
     for step in steps:
         detail = (
-            f"{step.error.type}: {step.error.message}" if step.error else value_text(step.output)
+            Text(f"{step.error.type}: {step.error.message}")
+            if step.error
+            else value_cell(step.output)
         )
         table.add_row(
-            step.name, step.status.value, str(step.attempts), when(step.updated_at), detail
+            Text(step.name), step.status.value, str(step.attempts), when(step.updated_at), detail
         )
     out.print(table)
     tracebacks = [(s.name, s.error.traceback) for s in steps if s.error and s.error.traceback]
@@ -358,6 +380,7 @@ def explain_run(run_id: str, storage: str, as_json: bool) -> None:
                 "state": result.state,
                 "details": result.details,
                 "action": result.action,
+                "damaged": [d.to_json() for d in damaged_values(facts.run, facts.steps)],
                 "now": facts.now,
             }
         )
@@ -441,6 +464,12 @@ def retry_run(run_id: str, storage: str, as_json: bool) -> None:
                 raise Refused(
                     f"run {run_id} is {run.status.value}; only failed or cancelled runs can "
                     "be retried (to continue one where it stopped: reflow runs resume)"
+                )
+            if isinstance(run.input, DamagedValue):
+                raise Refused(
+                    f"the input of run {run_id} cannot be decoded ({run.input.error}), so a "
+                    "retry would fail the same way; enqueue a new run with a correct input "
+                    "from your application"
                 )
             now = await store.now()
             fresh = WorkflowRun(

@@ -11,10 +11,11 @@ from reflow_cli.common import (
     echo_json,
     json_option,
     storage_option,
-    value_text,
+    value_cell,
 )
 from reflow_cli.db import opened, run_command
 from reflow_cli.text import age, when
+from reflow_cli.values import record_json
 from reflow_core.types import Schedule
 
 __all__ = ["schedules"]
@@ -46,7 +47,7 @@ def list_schedules(storage: str, as_json: bool) -> None:
 
     found, now = run_command(work)
     if as_json:
-        echo_json({"schedules": found, "now": now})
+        echo_json({"schedules": [record_json(s) for s in found], "now": now})
         return
     table = Table(title=f"{len(found)} schedule(s)", title_justify="left")
     for column in ("key", "workflow", "recurrence", "next run", "input"):
@@ -58,7 +59,7 @@ def list_schedules(storage: str, as_json: bool) -> None:
             schedule.workflow,
             _recurrence(schedule),
             f"{when(due)} ({'in ' + age(due - now) if due > now else 'due'})",
-            value_text(schedule.input, 40),
+            value_cell(schedule.input, 40),
         )
     console().print(table)
 
