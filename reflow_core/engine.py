@@ -25,7 +25,6 @@ no ``start()``: the storage is initialized on first use.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import uuid
@@ -66,6 +65,7 @@ from reflow_core.types import (
     StepResult,
     WorkflowRun,
 )
+from reflow_core.waits import wait_set
 from reflow_core.workflow import Workflow
 
 __all__ = ["Engine", "RunView"]
@@ -403,8 +403,7 @@ class Engine:
                 if run.status.is_terminal:
                     self._finished.pop(run_id, None)
                     return run
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), self.poll_interval)
+                await wait_set(event, self.poll_interval)
 
     async def cancel(self, run_id: str) -> bool:
         """Cancel a pending, running, sleeping or waiting run; ``False`` if it had ended.

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
@@ -59,6 +58,7 @@ from reflow_core.observers import Observers
 from reflow_core.schedule import first_fire_time, validate_recurrence
 from reflow_core.storage import Clock, StorageAdapter
 from reflow_core.types import Recurrence, Schedule
+from reflow_core.waits import wait_set
 from reflow_core.workflow import Workflow
 
 __all__ = ["Scheduler", "build_schedule", "default_key", "occurrence_key"]
@@ -280,5 +280,4 @@ class Scheduler:
         while True:
             self.wake.clear()
             await self.fire_due()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self._idle_timeout())
+            await wait_set(self.wake, self._idle_timeout())

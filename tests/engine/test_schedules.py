@@ -232,6 +232,9 @@ def test_registration_refuses_bad_schedules_and_stores_nothing(
                 await engine.schedule(wf, {"n": 1}, every="1m", cron="* * * * *")
             with pytest.raises(ValidationError, match="n"):
                 await engine.schedule(wf, {"n": "one"}, every="1m")
+            for huge in (10**30, 1e17, "99999999w"):  # not a raw OverflowError
+                with pytest.raises(ConfigError, match="100 years"):
+                    await engine.schedule(wf, {"n": 1}, every=huge)
             assert await engine.list_schedules() == []
 
     run(scenario())
@@ -317,17 +320,25 @@ def test_a_busy_started_engine_still_fires_schedules(
 
     wf = _ticker([])
 
+    errors: list[BaseException] = []
+
     async def scenario() -> None:
         proxy = _NoticeScheduledRuns(storage_factory(clock=clock))
-        async with open_engine(lambda clock: proxy, [busy, wf], clock, concurrency=1) as engine:
-            await engine.schedule(wf, every="1m")
-            await engine.enqueue(busy)
-            await engine.start()
-            await asyncio.wait_for(holding.wait(), 10)  # the only slot is taken
-            clock.advance(60)
-            await engine.schedule(wf, every="1m")  # a registration pokes the loop now
-            await asyncio.wait_for(proxy.created.wait(), 10)
-            release.set()
+        async with open_engine(
+            lambda clock: proxy, [busy, wf], clock, concurrency=1, on_error=errors.append
+        ) as engine:
+            try:
+                await engine.schedule(wf, every="1m")
+                await engine.enqueue(busy)
+                await engine.start()
+                await asyncio.wait_for(holding.wait(), 10)  # the only slot is taken
+                clock.advance(60)
+                await engine.schedule(wf, every="1m")  # a registration pokes the loop now
+                await asyncio.wait_for(proxy.created.wait(), 10)
+            except TimeoutError:
+                raise AssertionError(f"no occurrence fired; errors reported: {errors!r}") from None
+            finally:
+                release.set()  # else stopping waits for the held run forever
 
     run(scenario())
 

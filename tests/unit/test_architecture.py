@@ -90,3 +90,22 @@ def test_public_surface_is_complete_and_documented() -> None:
     exported = {n for n in dir(reflow_core) if not n.startswith("_")}
     modules = {n for n in exported if inspect.ismodule(getattr(reflow_core, n))}
     assert exported - modules - {"annotations"} == set(reflow_core.__all__) - {"__version__"}
+
+
+def test_library_code_never_waits_with_asyncio_wait_for() -> None:
+    """On Python 3.11 ``asyncio.wait_for`` can swallow a cancellation (gh-86296): a loop
+    waiting with it may never stop. Library code waits with ``reflow_core.waits``."""
+    sources = [
+        *(ROOT / "reflow_core").rglob("*.py"),
+        *(ROOT / "reflow_adapters").rglob("*.py"),
+        *(ROOT / "reflow_cli").rglob("*.py"),
+        *(ROOT / "packages").rglob("src/**/*.py"),
+    ]
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sources
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "asyncio.wait_for(" in line and path.name != "waits.py"
+    ]
+    assert len(sources) > 50, "the sources were not found"
+    assert offenders == [], offenders
