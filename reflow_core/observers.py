@@ -302,7 +302,11 @@ class Observers:
             # A sync hook returns None: skip isawaitable's ABC check for it.
             if result is not None and inspect.isawaitable(result):
                 await self._settle(result)
-        except Exception as exc:
+        except BaseException as exc:
+            # A hook that calls sys.exit() or raises its own BaseException must not end
+            # the run's task (or the worker); only the engine's cancellation passes.
+            if _cancelled_from_outside(exc):
+                raise
             await self.error(HookError(where, exc))
 
     async def error(self, error: BaseException) -> None:
@@ -313,12 +317,25 @@ class Observers:
                 result = func(error)
                 if inspect.isawaitable(result):
                     await self._settle(result)
-            except Exception:
+            except BaseException as exc:
+                if _cancelled_from_outside(exc):
+                    raise
                 log.exception("reflow_error hook raised; ignored")
         if self._on_error is not None:
             try:
                 result = self._on_error(error)
                 if inspect.isawaitable(result):
                     await self._settle(result)
-            except Exception:
+            except BaseException as exc:
+                if _cancelled_from_outside(exc):
+                    raise
                 log.exception("on_error callback raised; ignored")
+
+
+def _cancelled_from_outside(exc: BaseException) -> bool:
+    """Whether ``exc`` is the current task being cancelled (by the engine's stop or a
+    caller's timeout), as opposed to a hook raising ``CancelledError`` on its own."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0

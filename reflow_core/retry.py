@@ -10,8 +10,10 @@ Pure arithmetic, tested without an engine::
 
 Delay after failed attempt *n* (1-based): fixed = ``initial_delay``; linear =
 ``initial_delay * n``; exponential = ``initial_delay * 2**(n-1)``; then capped at
-``max_delay``, then jittered: with ``jitter=j`` the delay is drawn uniformly from
-``[delay * (1-j), delay]`` so a burst of failures does not retry in lockstep.
+``max_delay`` and at a century (:data:`~reflow_core.durations.MAX_DURATION_S`, the
+longest wait any store is asked to keep), then jittered: with ``jitter=j`` the delay
+is drawn uniformly from ``[delay * (1-j), delay]`` so a burst of failures does not
+retry in lockstep.
 Reflow's control-flow errors (cancellation, lease loss, engine stop) and
 ``SerializationError`` (a non-persistable result is deterministic) are never retried.
 """
@@ -22,6 +24,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
+from reflow_core.durations import MAX_DURATION_S, to_seconds
 from reflow_core.errors import ConfigError, ControlFlow, SerializationError
 
 __all__ = ["Backoff", "RetryDecision", "RetryPolicy"]
@@ -67,10 +70,15 @@ class RetryPolicy:
             raise ConfigError(
                 f"backoff must be 'fixed', 'linear' or 'exponential', got {self.backoff!r}"
             )
-        if not self.initial_delay >= 0:
-            raise ConfigError(f"initial_delay must be >= 0 seconds, got {self.initial_delay!r}")
-        if self.max_delay is not None and not self.max_delay >= 0:
-            raise ConfigError(f"max_delay must be >= 0 seconds, got {self.max_delay!r}")
+        # Bounded like every other duration: a retry time past a century would not fit
+        # a store's integer milliseconds and would fail at run time, not here.
+        delays = {"initial_delay": self.initial_delay}
+        if self.max_delay is not None:
+            delays["max_delay"] = self.max_delay
+        for what, delay in delays.items():
+            if isinstance(delay, bool) or not isinstance(delay, int | float):
+                raise ConfigError(f"{what} must be a number of seconds, got {delay!r}")
+            to_seconds(delay, what=what)
         if not 0.0 <= self.jitter <= 1.0:
             raise ConfigError(f"jitter must be between 0 and 1, got {self.jitter!r}")
         for kind in (*self.retry_on, *self.give_up_on):
@@ -84,10 +92,11 @@ class RetryPolicy:
         elif self.backoff == "linear":
             delay = self.initial_delay * attempt
         else:
-            delay = self.initial_delay * 2 ** (attempt - 1)
+            # Capped exponent: 2.0 ** n raises past 1023; a product past a float's range is inf.
+            delay = self.initial_delay * 2.0 ** min(attempt - 1, 1000)
         if self.max_delay is not None:
             delay = min(delay, self.max_delay)
-        return delay
+        return min(delay, MAX_DURATION_S)
 
     def is_retryable(self, error: BaseException) -> bool:
         """Whether ``error`` may be retried at all, whatever the attempt count."""

@@ -126,6 +126,44 @@ def test_hooks_see_every_event_and_errors_are_isolated(storage_factory: Any) -> 
     assert all(isinstance(e, HookError) and "observer bug" in str(e) for e in errors)
 
 
+@pytest.mark.parametrize(
+    "fatal",
+    [SystemExit(3), KeyboardInterrupt(), asyncio.CancelledError(), GeneratorExit()],
+    ids=["SystemExit", "KeyboardInterrupt", "own-CancelledError", "GeneratorExit"],
+)
+def test_a_hook_raising_a_base_exception_is_reported_and_the_run_completes(
+    storage_factory: Any, fatal: BaseException
+) -> None:
+    """A hook that calls sys.exit() (or raises any BaseException of its own) is a hook
+    error like any other: the run's task, the engine and the process go on."""
+
+    class Fatal:
+        def reflow_step_completed(self, event: StepCompleted) -> None:
+            raise fatal
+
+        def reflow_error(self, error: BaseException) -> None:
+            raise fatal  # the error hook itself is guarded too
+
+    reported: list[BaseException] = []
+    wf = _workflow()
+
+    async def scenario() -> list[str]:
+        storage = storage_factory()
+        engine = Engine(storage, [wf], hooks=[Fatal()], on_error=reported.append)
+        try:
+            first, second = await engine.enqueue(wf), await engine.enqueue(wf)
+            await engine.run_until_idle()
+            views = [await engine.get_run(r.id) for r in (first, second)]
+            return [v.run.status.value for v in views if v is not None]
+        finally:
+            await engine.stop()
+            await storage.close()
+
+    assert run(scenario()) == ["completed", "completed"]
+    assert len(reported) == 4  # two steps per run, each hook call reported once
+    assert all(isinstance(e, HookError) and type(fatal).__name__ in str(e) for e in reported)
+
+
 def test_plugin_hooks_observe_every_engine(storage_factory: Any) -> None:
     seen: list[str] = []
 

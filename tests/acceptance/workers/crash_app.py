@@ -2,7 +2,7 @@
 by the engine under test).
 
 ``python crash_app.py STORE_URL LEDGER_PATH [options]`` runs an :class:`Engine` with the
-workflows :data:`FIVE` and :data:`GATED` until SIGTERM or SIGINT, then stops it
+workflows :data:`FIVE`, :data:`GATED` and :data:`FLAKY` until SIGTERM or SIGINT, then stops it
 (``stop(grace=0)``) and exits 0.
 
 It reports what it does on stdout, one flushed line per fact, so a test can follow it.
@@ -21,11 +21,15 @@ call was *sent*. The harness strips that stamp off into ``WorkerProcess.stamps``
 * ``STARTED <run> <step> <execution> <pid> <attempt>`` and ``DONE <run> <step> <execution>``
   from inside each step (``DONE``: the step's work is done, it is about to return;
   ``SIGNALLED <run> <step> <code>`` if its cancel signal was raised meanwhile);
-* ``CHECKPOINTED <run> <step> <execution>`` and ``COMPLETED <run>`` from engine hooks,
-  i.e. after the checkpoint (or the run's completion) is committed;
+* ``CHECKPOINTED <run> <step> <execution>``, ``COMPLETED <run>`` and ``FAILED <run>`` from
+  engine hooks, i.e. after the checkpoint (or the run's outcome) is committed;
 * ``ERROR <text>`` for errors the engine reports outside any run's outcome;
 * ``LOG <level> <message>`` for what the engine logs (e.g. why it stopped a run);
-* ``DECIDED <run> <step> <answer>`` when a ``when=`` predicate is evaluated.
+* ``DECIDED <run> <step> <answer>`` when a ``when=`` predicate is evaluated;
+* ``FAILING <run> <step> <execution> <attempt> <nth>`` from inside a :data:`FLAKY` step
+  about to raise (``nth``: how many executions of it the ledger holds, this one included),
+  and ``RETRYING <run> <step> <attempt> <delay> <retry_at|->`` from the retry-scheduled
+  hook, i.e. once the failed attempt is stored and just before the wait for the next.
 
 Every step records its execution in the ledger (:mod:`crash_ledger`) before doing
 anything else, and its output ``{"value", "pid", "exec"}`` names the process and the
@@ -46,7 +50,8 @@ with ``--claims-hang-too`` the worker's claims find nothing from then on.
 
 Workflows: :data:`FIVE`, and :data:`GATED`, whose middle step ``gate`` has a ``when=``
 predicate that says yes the first time it is asked for a run and no ever after (the
-ledger counts the evaluations across processes).
+ledger counts the evaluations across processes); and :data:`FLAKY`, one step that fails
+until its ``succeed_on``-th execution, counted in the ledger across processes.
 """
 
 from __future__ import annotations
@@ -73,7 +78,10 @@ from reflow_core import (
     ErrorInfo,
     LeaseHolder,
     LeaseOptions,
+    RetryPolicy,
+    RetryScheduled,
     RunCompleted,
+    RunFailed,
     RunStatus,
     StepCompleted,
     StepContext,
@@ -87,6 +95,10 @@ from reflow_core import (
 
 __all__ = [
     "FIVE",
+    "FLAKY",
+    "FLAKY_BACKOFF_S",
+    "FLAKY_MAX_ATTEMPTS",
+    "FlakyError",
     "GATED",
     "GATED_OPERATIONS",
     "OPERATIONS",
@@ -203,6 +215,53 @@ for _name, _operation in GATED_OPERATIONS.items():
     )
 
 
+FLAKY_MAX_ATTEMPTS = 4
+"""The retry policy's ``max_attempts`` for the step of :data:`FLAKY`."""
+
+FLAKY_BACKOFF_S = 0.8
+"""The fixed wait between attempts of :data:`FLAKY`: short enough to be waited in place,
+holding the lease (at most ``DURABLE_BACKOFF_S``), long enough that a test SIGKILLing the
+worker on its ``RETRYING`` line surely lands inside the wait, even on a loaded machine."""
+
+
+class FlakyError(RuntimeError):
+    """What a :data:`FLAKY` step raises on an execution that is not its ``succeed_on``-th."""
+
+
+FLAKY: Workflow[Any] = Workflow("flaky")
+"""One ``def`` step, ``flaky``, retried (:data:`FLAKY_MAX_ATTEMPTS`, a fixed
+:data:`FLAKY_BACKOFF_S` apart). Input ``{"n": n, "succeed_on": k}``: it fails on every
+execution but the ``k``-th (``0``: fails on all of them), counting the executions the
+ledger holds for the run, i.e. across every process, whatever attempt number the engine
+gave it. So an engine that forgot the count at a crash makes too many attempts in all,
+and stores an attempt count that disagrees with the ledger."""
+
+
+def flaky(ctx: StepContext[Any]) -> dict[str, int]:
+    """Fail, or on the ``succeed_on``-th execution overall, return ``n``."""
+    execution = crash_ledger.start(CONFIG.ledger, ctx.run_id, ctx.step, PID, ctx.attempt)
+    emit("STARTED", ctx.run_id, ctx.step, execution, PID, ctx.attempt)
+    nth = sum(
+        1
+        for e in crash_ledger.read_all(CONFIG.ledger)
+        if (e.run_id, e.step) == (ctx.run_id, ctx.step)
+    )
+    crash_ledger.finish(CONFIG.ledger, execution)
+    if nth == ctx.input["succeed_on"]:
+        emit("DONE", ctx.run_id, ctx.step, execution)
+        return {"value": ctx.input["n"], "pid": PID, "exec": execution, "nth": nth}
+    emit("FAILING", ctx.run_id, ctx.step, execution, ctx.attempt, nth)
+    raise FlakyError(f"execution {nth} (attempt {ctx.attempt}) of {ctx.step} fails")
+
+
+FLAKY.step(
+    flaky,
+    retry=RetryPolicy(
+        max_attempts=FLAKY_MAX_ATTEMPTS, backoff="fixed", initial_delay=FLAKY_BACKOFF_S
+    ),
+)
+
+
 class Reporter:
     """Engine hooks: report checkpoints and completions, optionally pause around a step."""
 
@@ -224,9 +283,18 @@ class Reporter:
             emit("PAUSED", event.run_id, event.step)
             await asyncio.Future()  # never returns: the test kills this process here
 
+    def reflow_retry_scheduled(self, event: RetryScheduled) -> None:
+        """Called once a failed attempt that will be retried is stored, before the wait."""
+        retry_at = "-" if event.retry_at is None else event.retry_at
+        emit("RETRYING", event.run_id, event.step, event.attempt, event.delay, retry_at)
+
     def reflow_run_completed(self, event: RunCompleted) -> None:
         """Called after the run's completion is committed."""
         emit("COMPLETED", event.run_id)
+
+    def reflow_run_failed(self, event: RunFailed) -> None:
+        """Called after the run's failure is committed."""
+        emit("FAILED", event.run_id)
 
 
 def _lease(lease_id: str) -> str:
@@ -420,7 +488,7 @@ async def _serve(args: argparse.Namespace) -> None:
     skew = args.skew_ms
     engine = Engine(
         storage,
-        [FIVE, GATED],
+        [FIVE, GATED, FLAKY],
         concurrency=args.concurrency,
         lease=LeaseOptions(duration=args.lease, heartbeat_interval=args.heartbeat),
         poll_interval=args.poll,
