@@ -54,7 +54,11 @@ class _WorkerCommand(click.Command):
     default=30.0,
     show_default=True,
     metavar="SECONDS",
-    help="On SIGTERM/SIGINT, how long running steps may take to finish.",
+    help=(
+        "On SIGTERM/SIGINT, how long running runs may go on before they are stopped and "
+        "their leases released. A `def` step still running in its thread then keeps its "
+        "lease (heartbeating) until it returns, so exit can take longer."
+    ),
 )
 @click.option(
     "--log-level",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -114,6 +115,7 @@ def test_worker_that_lost_its_lease_writes_nothing(url: str, tmp_path: Path, a_l
             assert b.stop() == 0
 
             a.release()  # buffered in the pipe until A runs again
+            resumed_at = time.time_ns()
             a.resume()
             a.expect(rf"^DONE {run_id} s1 1$", since=resumed_from)
             learned = a.expect(LEARNED.format(run=run_id), since=resumed_from)
@@ -121,6 +123,14 @@ def test_worker_that_lost_its_lease_writes_nothing(url: str, tmp_path: Path, a_l
 
         after = a.lines[resumed_from:]
         assert not [line for line in after if re.search(r"-> True$", line)], after
+        # Not even sent: a write or heartbeat answered after SIGCONT may have left before
+        # SIGSTOP (its stamp is its send time), but none may leave once A runs again.
+        sent_after = [
+            line
+            for stamp, line in a.timed()[resumed_from:]
+            if line.startswith(("WRITE", "HEARTBEAT")) and run_id in line and stamp >= resumed_at
+        ]
+        assert sent_after == [], sent_after
         assert not [line for line in after if line.startswith(("CHECKPOINTED", "COMPLETED"))]
         assert not [line for line in after if line.startswith("STARTED")], after
         assert "Traceback" not in a.stderr(), a.stderr()

@@ -21,7 +21,7 @@ async def _with_wait_for(event: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(event.wait(), seconds)
 
 
-async def _loop_survives_cancel(wait: Waiter, steps: int, timeout: float) -> bool:
+async def _loop_survives_cancel(wait: Waiter, steps: int, seconds: float) -> bool:
     """A loop that waits like the dispatcher and the scheduler do, cancelled ``steps``
     loop iterations after its event is set; ``True`` if the cancellation was lost."""
     event = asyncio.Event()
@@ -31,7 +31,7 @@ async def _loop_survives_cancel(wait: Waiter, steps: int, timeout: float) -> boo
         while True:
             event.clear()
             waiting.set()
-            await wait(event, timeout)
+            await wait(event, seconds)
 
     task = asyncio.create_task(loop())
     await waiting.wait()

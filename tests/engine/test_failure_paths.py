@@ -1,10 +1,7 @@
-"""Issue 9 audit: what its numbered items promise, where the existing tests stopped short.
-
-Two kinds of test live here. Passing ones prove, on every adapter, properties the suite
-only proved below the engine (the codec limits reached through a run, the default
-recovery cap). ``xfail(strict=True)`` ones are failures found by the audit that the
-product does not handle yet; each names the property it breaks, and turns into a
-failing XPASS the day the fix lands, so the mark must then be removed.
+"""Failure paths end in a recorded outcome, through a real engine on every adapter: a
+value the codec cannot bring back exactly, an int the process could print but no store
+can read, a named zone, the default recovery cap, any ``BaseException`` from a step or
+an ``on_failure`` handler, and retry delays past what a store can keep.
 """
 
 from __future__ import annotations
