@@ -101,7 +101,10 @@ class Side:
 
 
 def export(ref: str, into: Path, label: str) -> Path:
-    """The tree of ``ref`` written under ``into`` (``git archive``: no worktree state)."""
+    """The tree of ``ref`` written under ``into`` (``git archive``: no worktree state);
+    a ``ref`` naming a directory is that tree, used as it is."""
+    if Path(ref).is_dir():
+        return Path(ref).resolve()
     archive = into / f"{label}.tar"
     subprocess.run(
         ["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), ref], check=True
@@ -132,8 +135,10 @@ def measure(side: Side, adapter: str, runs: int, concurrency: int) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--baseline", required=True, help="git ref of the baseline")
-    parser.add_argument("--candidate", default=None, help="git ref (default: working tree)")
+    parser.add_argument("--baseline", required=True, help="git ref (or directory) of the baseline")
+    parser.add_argument(
+        "--candidate", default=None, help="git ref or directory (default: working tree)"
+    )
     parser.add_argument("--adapter", default="memory,sqlite", help="memory,sqlite,postgres")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=2000)
@@ -149,8 +154,10 @@ def main(argv: list[str] | None = None) -> None:
             ROOT if args.candidate is None else export(args.candidate, Path(tmp), "candidate")
         )
         cand = Side(f"candidate {args.candidate or 'working tree'}", cand_tree)
-        print(f"A/B: {base.name} vs {cand.name}; 5-step runs, {args.runs} per measurement, "
-              f"concurrency {args.concurrency}, {args.rounds} rounds interleaved")
+        print(
+            f"A/B: {base.name} vs {cand.name}; 5-step runs, {args.runs} per measurement, "
+            f"concurrency {args.concurrency}, {args.rounds} rounds interleaved"
+        )
         for adapter in args.adapter.split(","):
             samples: dict[str, list[dict[str, float]]] = {base.name: [], cand.name: []}
             for round_ in range(args.rounds):

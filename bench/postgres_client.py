@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
             f"PostgreSQL client A/B: {base.name} vs {cand.name}; one worker process, 5-step "
             f"runs, {args.runs} per measurement, concurrency {args.concurrency}, "
             f"{args.rounds} rounds interleaved; churn kills every {args.churn_every:g}s "
-            f"(capped at {args.churn_cap:g}s); {os.cpu_count()} cores"
+            f"(capped at {args.churn_cap:g}s); {os.cpu_count()} cores, load average "
+            f"{_load()} at start"
         )
         samples: dict[tuple[str, str], list[dict[str, float]]] = {}
         for round_ in range(args.rounds):
@@ -195,6 +196,13 @@ def main(argv: list[str] | None = None) -> None:
                         flush=True,
                     )
         _report(base, cand, scenarios, samples)
+        # Other processes on the machine skew rates far more than CPU per run: the load
+        # tells a reader how much to trust the runs/s columns.
+        print(f"load average {_load()} at end")
+
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def _fmt(sample: dict[str, float]) -> str:

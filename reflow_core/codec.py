@@ -61,6 +61,7 @@ import msgspec
 from reflow_core.errors import SerializationError, ValidationError
 
 __all__ = [
+    "KNOWN_ENCODING",
     "MAX_DEPTH",
     "MAX_INT_DIGITS",
     "canonical",
@@ -71,6 +72,7 @@ __all__ = [
     "forget",
     "from_plain",
     "to_plain",
+    "to_stored",
 ]
 
 MAX_DEPTH = 100
@@ -85,6 +87,10 @@ _json_encoder = msgspec.json.Encoder()
 _canonical_encoder = msgspec.json.Encoder(order="sorted")
 _json_decoder = msgspec.json.Decoder()
 _known: ContextVar[tuple[Any, bytes] | None] = ContextVar("reflow_codec_known", default=None)
+KNOWN_ENCODING = _known
+"""The context variable behind :func:`encoded_as` and :func:`forget`, for a path that
+runs for every step: ``token = KNOWN_ENCODING.set((value, data))`` then
+``KNOWN_ENCODING.reset(token)`` do the same without a Python call of their own."""
 
 _INT_BOUND = 10**MAX_INT_DIGITS  # |n| < bound <=> n has at most MAX_INT_DIGITS digits
 _NEG_INT_BOUND = -_INT_BOUND
@@ -559,6 +565,30 @@ def to_plain(value: Any, declared: Any = None) -> Any:
             "(annotate the step's return type or the workflow's input type)"
         )
     return value
+
+
+def to_stored(value: Any, declared: Any = None) -> tuple[Any, bytes]:
+    """``(to_plain(value, declared), encode(...))`` in one call: every step's output
+    takes this path. A new value, so :func:`encoded_as` is not consulted.
+
+    >>> to_stored({"n": 1})
+    ({'n': 1}, b'{"n":1}')
+    """
+    if type(value) in _PLAIN_TYPES and (declared is None or declared is Any):
+        plain = value
+    else:
+        plain = to_plain(value, declared)
+    # encode(), without the encoded_as lookup.
+    try:
+        tagged = _needs_tags(plain)
+    except _Reject as reject:
+        raise _rejection(reject) from None
+    except RecursionError:
+        raise SerializationError("$: value is nested too deeply to persist", path="$") from None
+    try:
+        return plain, _json_encoder.encode(_tag(plain) if tagged else plain)
+    except (msgspec.EncodeError, ValueError, OverflowError) as exc:
+        return plain, _encode_slowly(_json_encoder, plain, _tag(plain) if tagged else plain, exc)
 
 
 def from_plain(value: Any, declared: Any = None) -> Any:

@@ -23,14 +23,14 @@ class CancelSignal:
     :attr:`is_set` (or ``wait(timeout)``) and return early.
     """
 
-    __slots__ = ("_async_event", "_event", "reason")
-
-    def __init__(self) -> None:
-        # Both events are made on first wait only: most steps never wait on their signal,
-        # and a threading.Event per step was a measurable part of a step's cost.
-        self._event: threading.Event | None = None
-        self._async_event: asyncio.Event | None = None
-        self.reason: ControlFlow | TimeoutError | None = None
+    # No __init__: a signal is made for every attempt of every step, and with these
+    # class-level defaults making one costs no Python call. An instance gets attributes
+    # of its own only once set or waited on, which most never are. Both events are made
+    # on first wait only: a threading.Event per step was a measurable part of its cost.
+    _event: threading.Event | None = None
+    _async_event: asyncio.Event | None = None
+    reason: ControlFlow | TimeoutError | None = None
+    """Why the step should stop (``None`` until set)."""
 
     def set(self, reason: ControlFlow | TimeoutError) -> None:
         """Raise the signal (engine use, on the event loop's thread)."""
@@ -130,12 +130,12 @@ class StepContext(Generic[InputT]):
     __slots__ = (
         "_prev",
         "_prev_loader",
+        "_steps",
         "attempt",
         "cancel",
         "input",
         "run_id",
         "step",
-        "steps",
         "workflow",
     )
 
@@ -158,8 +158,13 @@ class StepContext(Generic[InputT]):
         self.input = input
         self._prev_loader = prev_loader
         self._prev: Any = _UNSET
-        self.steps = steps
+        self._steps = steps
         self.cancel = cancel
+
+    @property
+    def steps(self) -> StepOutputs:
+        """Every earlier unit's output by name (as of this step's start)."""
+        return self._steps
 
     @property
     def prev(self) -> Any:

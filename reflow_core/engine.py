@@ -48,7 +48,7 @@ from reflow_core.errors import (
 from reflow_core.events import RunCancelled
 from reflow_core.execution import ActiveRun, RunExecution, Runtime
 from reflow_core.execution.wait import event_payload
-from reflow_core.identifiers import MAX_LENGTH, check_identifier, is_identifier
+from reflow_core.identifiers import MAX_LENGTH, check_identifier, is_identifier, new_run_id
 from reflow_core.lease import LeaseOptions
 from reflow_core.migrations import open_without_migrating
 from reflow_core.observers import EventStream, Observers
@@ -361,7 +361,7 @@ class Engine:
         await self._ready()
         now = self.clock()
         run = WorkflowRun(
-            id=str(uuid.uuid4()),
+            id=new_run_id(),
             workflow=wf.name,
             input=plain,
             status=RunStatus.PENDING,

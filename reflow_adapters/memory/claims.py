@@ -188,10 +188,18 @@ class ClaimIndex:
             if row is not None and claimable(row, now):
                 self._queue(row)
 
-    def pop_oldest(self, workflow_names: Collection[str], now: int) -> RunRow | None:
-        """Remove and return the claimable row with the lowest ``(created_at, id)``."""
-        self._promote(self._wakes, now)
-        self._promote(self._leases, now)
+    def pop_oldest(
+        self, workflow_names: Collection[str], now: int, *, promote: bool = True
+    ) -> RunRow | None:
+        """Remove and return the claimable row with the lowest ``(created_at, id)``.
+
+        ``promote=False`` skips moving due wake-ups and expired leases to the ready
+        heaps: for a caller that already did at this same ``now`` (a claim's lease ends
+        after ``now``, so claiming adds nothing due).
+        """
+        if promote:
+            self._promote(self._wakes, now)
+            self._promote(self._leases, now)
         runs = self._runs
         best: list[_Key] | None = None
         for name in workflow_names:

@@ -29,15 +29,14 @@ class StepTable:
     def __init__(self) -> None:
         self._rows: dict[str, dict[str, _Stored]] = {}  # run id -> step name -> row
         self._ids: dict[str, tuple[str, str]] = {}  # step id -> (run id, step name)
+        self.owner = self._ids.get
+        """The ``(run_id, name)`` a step id names, or ``None`` (read-only, and no call
+        of its own: asked on every checkpoint)."""
 
     def clear(self) -> None:
         """Drop every row."""
         self._rows.clear()
         self._ids.clear()
-
-    def knows(self, step_id: str) -> bool:
-        """Whether a row with this id is stored."""
-        return step_id in self._ids
 
     def existing(self, result: StepResult, operation: str) -> StepResult | None:
         """The stored row an upsert of ``result`` would replace, or ``None``.
@@ -84,6 +83,43 @@ class StepTable:
             output,
         )
         self._ids[result.id] = (result.run_id, result.name)
+
+    def upsert(self, result: StepResult, output: bytes | None, operation: str) -> bool:
+        """:meth:`existing`, :meth:`is_final` and :meth:`put` in one walk: store ``result``
+        with its encoded ``output`` unless a final row stands for it (``False``).
+
+        Raises ``StorageError`` (naming ``operation``) on an identity clash, before any
+        change.
+        """
+        run_id, name = result.run_id, result.name
+        owner = self._ids.get(result.id)
+        if owner is not None and (owner[1] != name or owner[0] != run_id):
+            raise StorageError(
+                operation,
+                f"step id {result.id!r} already names step {owner[1]!r} of run {owner[0]!r}",
+            )
+        steps = self._rows.get(run_id)
+        stored = None if steps is None else steps.get(name)
+        created_at = result.created_at
+        if stored is not None:
+            row = stored[0]
+            if row.id != result.id:
+                raise StorageError(
+                    operation,
+                    f"step {name!r} of run {run_id!r} already has id {row.id!r}, not {result.id!r}",
+                )
+            if _is_final(row):
+                return False  # write-once: the first writer won
+            created_at = row.created_at
+        if steps is None:
+            steps = self._rows[run_id] = {}
+        # The record is frozen, so one without an output can be kept as given.
+        if result.output is not None or result.created_at != created_at:
+            result = msgspec.structs.replace(result, output=None, created_at=created_at)
+        steps[name] = (result, output)
+        if owner is None:
+            self._ids[result.id] = (run_id, name)
+        return True
 
     def rows(self, run_id: str) -> list[_Stored]:
         """The run's rows (output still encoded), ordered by ``(created_at, id)``."""

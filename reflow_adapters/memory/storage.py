@@ -25,7 +25,6 @@ The claim index (which run is oldest and claimable, without a scan) lives in
 from __future__ import annotations
 
 import bisect
-import uuid
 from collections.abc import Collection
 from typing import Any
 
@@ -49,6 +48,7 @@ from reflow_core.identifiers import (
     check_schedule,
     check_step,
 )
+from reflow_core.lease import new_lease_id
 from reflow_core.storage import Clock, check_limit, check_purge_args, system_clock
 from reflow_core.types import (
     ClaimedRun,
@@ -71,6 +71,7 @@ _PENDING = RunStatus.PENDING
 _RUNNING = RunStatus.RUNNING
 _REQUEUEABLE = frozenset({RunStatus.FAILED, RunStatus.CANCELLED})
 _Key = tuple[int, str]
+_MAX_KNOWN_NAMES = 4096
 
 
 def _enc(value: Any) -> bytes | None:
@@ -102,6 +103,8 @@ class MemoryStorage:
         self._steps = StepTable()
         self._events = EventBuffers()
         self._schedules = ScheduleTable()
+        # Step names already found valid: a workflow has a few, saved once per run each.
+        self._step_names: set[str] = set()
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -156,15 +159,6 @@ class MemoryStorage:
         # the identifier check (which raises for an invalid one; a valid one is "missing").
         if run_id not in self._runs:
             check_identifier(run_id, "run id")
-
-    def _check_step(self, result: StepResult) -> None:
-        # Same shortcut for a step row: its stored run (and id, once stored) were checked.
-        if result.run_id not in self._runs:
-            check_step(result)
-            return
-        if not self._steps.knows(result.id):
-            check_identifier(result.id, "step id", MAX_STEP_ID_LENGTH)
-        check_identifier(result.name, "step name")
 
     def _held(self, run_id: str, lease_id: str) -> RunRow | None:
         row = self._runs.get(run_id)
@@ -254,10 +248,12 @@ class MemoryStorage:
         self._check("claim_runs")
         now = self._clock()
         claimed: list[ClaimedRun] = []
+        promote = True  # once: every pop is at the same ``now``
         while len(claimed) < limit:
-            row = self._claims.pop_oldest(workflow_names, now)
+            row = self._claims.pop_oldest(workflow_names, now, promote=promote)
             if row is None:
                 break
+            promote = False
             claimed.append(self._claim(row, now, lease_ms, holder))
         return claimed
 
@@ -267,7 +263,7 @@ class MemoryStorage:
         if row.status is _RUNNING:  # taken over from a lease that expired
             row.recoveries += 1
         row.attempt += 1
-        row.lease_id = str(uuid.uuid4())
+        row.lease_id = new_lease_id()
         row.claimed_at = row.heartbeat_at = now
         row.lease_ms = lease_ms
         row.lease_expires_at = now + lease_ms
@@ -347,13 +343,17 @@ class MemoryStorage:
         error: ErrorInfo | None = None,
     ) -> bool:
         """Set a held run's status with ``output``/``error``; lease kept only when running."""
-        self._check_run_id(run_id)
-        self._check("update_claimed_run_status")
-        data = _enc(output)
-        row = self._held(run_id, lease_id)
+        # _check_run_id, _check and _held, inlined: this ends every run.
+        row = self._runs.get(run_id)
         if row is None:
+            check_identifier(run_id, "run id")
+        if self._closed:
+            self._check("update_claimed_run_status")
+        data = None if output is None else codec.encode(output)
+        if row is None or row.status is not _RUNNING or row.lease_id != lease_id:
             return False
-        status = RunStatus(status)
+        if status.__class__ is not RunStatus:  # a plain str value is accepted too
+            status = RunStatus(status)
         row.output, row.error = data, error
         self._move(row, status, self._clock(), keep_lease=status is _RUNNING)
         return True
@@ -397,16 +397,33 @@ class MemoryStorage:
 
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
         """Upsert a step row by id, never over a final row; with ``lease_id``, only if held."""
-        self._check_step(result)
-        self._check("save_step_result")
-        output = _enc(result.output)
-        if lease_id is not None and self._held(result.run_id, lease_id) is None:
+        # A stored run's id was checked when it was created, and a stored row's id and
+        # name when it was first written (_check_run_id's shortcut); _check and _held are
+        # inlined: this is every step's checkpoint.
+        row = self._runs.get(result.run_id)
+        if row is None:
+            check_step(result)
+        elif (owner := self._steps.owner(result.id)) is None or owner != (
+            result.run_id,
+            result.name,
+        ):
+            check_identifier(result.id, "step id", MAX_STEP_ID_LENGTH)
+            name = result.name
+            # A str's validity never changes: check each name once (a str subclass could
+            # compare equal to a valid name and still be refused, so it is always checked).
+            if name.__class__ is not str or name not in self._step_names:
+                check_identifier(name, "step name")
+                if name.__class__ is str and len(self._step_names) < _MAX_KNOWN_NAMES:
+                    self._step_names.add(name)
+        if self._closed:
+            self._check("save_step_result")
+        output = None if result.output is None else codec.encode(result.output)
+        if lease_id is not None and (
+            row is None or row.status is not _RUNNING or row.lease_id != lease_id
+        ):
             return False
-        existing = self._steps.existing(result, "save_step_result")  # may raise: a clash
-        if existing is not None and self._steps.is_final(result):
-            return False  # write-once: the first writer won
-        self._steps.put(result, existing, output)
-        return True
+        # May raise on an identity clash; False when a final row stands (write-once).
+        return self._steps.upsert(result, output, "save_step_result")
 
     async def get_step_results(self, run_id: str) -> list[StepResult]:
         """The run's step rows ordered by ``(created_at, id)``."""

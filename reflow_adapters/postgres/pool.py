@@ -23,10 +23,10 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
-from psycopg import AsyncConnection, pq
+from psycopg import AsyncConnection, AsyncCursor, pq
 from psycopg.rows import DictRow
 
-__all__ = ["POOL_ERRORS", "DeadConnection", "is_alive", "new_pool"]
+__all__ = ["POOL_ERRORS", "DeadConnection", "PooledConnection", "is_alive", "new_pool"]
 
 POOL_ERRORS = (psycopg_pool.PoolTimeout, psycopg_pool.PoolClosed, psycopg_pool.TooManyRequests)
 """Failures of the pool itself, not of a connection: never retried as a lost connection."""
@@ -36,10 +36,32 @@ _WAIT_TIMEOUT_S = 30.0
 _RECONNECT_TIMEOUT_S = 60.0
 """How long the workers keep retrying (with backoff) to open a replacement."""
 _MAX_WORKERS = 8
+_IDLE = pq.TransactionStatus.IDLE
 
 
 class DeadConnection(psycopg.OperationalError):
     """An idle connection failed :func:`is_alive`; the pool discards it."""
+
+
+class PooledConnection(AsyncConnection[DictRow]):
+    """The pool's connections: each keeps one cursor for the one-statement fast path.
+
+    ``conn.execute`` builds a cursor (and its adapters map and transformer) per
+    statement; a kept cursor builds them once per connection, and reuses its
+    transformer while the same query text repeats. A connection is used by one caller
+    at a time (it is checked out), so its cursor is too; it dies with the connection.
+    It holds its last result until the connection's next statement: at most one result
+    per pooled connection stays in memory.
+    """
+
+    _kept_cursor: AsyncCursor[DictRow] | None = None
+
+    def kept_cursor(self) -> AsyncCursor[DictRow]:
+        """This connection's reusable cursor (created on first use)."""
+        cur = self._kept_cursor
+        if cur is None or cur.closed:
+            cur = self._kept_cursor = self.cursor()
+        return cur
 
 
 def is_alive(conn: AsyncConnection[Any]) -> bool:
@@ -51,11 +73,9 @@ def is_alive(conn: AsyncConnection[Any]) -> bool:
     ``poll`` with no timeout tells, and a false alarm only costs a new connection.
     """
     pgconn = conn.pgconn
-    if (
-        conn.closed
-        or pgconn.status != pq.ConnStatus.OK
-        or pgconn.transaction_status != pq.TransactionStatus.IDLE
-    ):
+    # libpq answers UNKNOWN for a closed or broken connection, so this one test also
+    # covers conn.closed and pgconn.status.
+    if pgconn.transaction_status != _IDLE:
         return False
     try:
         fd = pgconn.socket
@@ -73,11 +93,11 @@ def new_pool(
     min_size: int,
     max_size: int,
     name: str,
-) -> psycopg_pool.AsyncConnectionPool[AsyncConnection[DictRow]]:
-    """An unopened pool of ``AsyncConnection[DictRow]`` (call ``await pool.open()``)."""
-    pool: psycopg_pool.AsyncConnectionPool[AsyncConnection[DictRow]]
+) -> psycopg_pool.AsyncConnectionPool[PooledConnection]:
+    """An unopened pool of :class:`PooledConnection` (call ``await pool.open()``)."""
+    pool: psycopg_pool.AsyncConnectionPool[PooledConnection]
 
-    async def check(conn: AsyncConnection[DictRow]) -> None:
+    async def check(conn: PooledConnection) -> None:
         if is_alive(conn):
             return
         # Closed here, so the pool counts it lost and opens a replacement (a connection
@@ -88,7 +108,7 @@ def new_pool(
 
     pool = psycopg_pool.AsyncConnectionPool(
         conninfo,
-        connection_class=AsyncConnection[DictRow],
+        connection_class=PooledConnection,
         kwargs=dict(kwargs),
         min_size=min_size,
         max_size=max_size,

@@ -25,7 +25,8 @@ Design in brief (the queries themselves are in ``queries.sql``):
 * Values go through :mod:`reflow_core.codec` *before* any SQL and are stored in
   ``json`` columns, which keep the codec's text byte for byte; json columns are loaded
   back as text (a connection-level loader) and decoded by the codec.
-* Driver errors are translated in exactly one place, :meth:`PostgresStorage._translated`.
+* Driver errors are translated in exactly one place, :func:`_storage_error` (called by
+  :meth:`PostgresStorage._translated` and by the one-statement fast path).
 * Work notifications (``pg_notify``) are sent inside the transaction that made a run
   claimable, so they arrive on commit only; :mod:`.notify` listens for them.
 
@@ -43,7 +44,7 @@ from typing import Any, LiteralString
 
 import psycopg
 import psycopg_pool
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, pq, sql
 from psycopg.adapt import AdaptersMap
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
@@ -82,7 +83,7 @@ from reflow_core.types import (
 from . import admin
 from .conninfo import advisory_key, split_dsn, with_schema_param
 from .notify import listen
-from .pool import POOL_ERRORS, new_pool
+from .pool import POOL_ERRORS, PooledConnection, new_pool
 from .records import (
     dump_error,
     dump_holder,
@@ -107,6 +108,12 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,49}")
 # What a call may raise when the server, the network or the pool fails. PoolTimeout and
 # PoolClosed derive from psycopg.OperationalError; listed for the reader.
 _DRIVER_ERRORS = (psycopg.Error, *POOL_ERRORS, OSError)
+_TUPLES_OK = pq.ExecStatus.TUPLES_OK
+_DEFAULT_MAX_SIZE = 25
+"""The pool's default bound. A caller that finds every connection in use queues in
+psycopg_pool (a lock, a condition and a timed wait: several times a statement's own
+client CPU), so the bound sits above a worker's usual concurrency plus its dispatcher.
+Connections above ``min_size`` open only when callers queue and close after idling."""
 _CONNECT_TIMEOUT_S = 5
 """libpq's connect_timeout unless the DSN sets one: a replacement connection after churn
 must fail fast, not hang on an unreachable server."""
@@ -116,10 +123,15 @@ AsyncCursorRows = tuple[list[DictRow], int]
 """A statement's rows (empty if it returns none) and its row count."""
 
 
-def _connection_lost(exc: StorageError) -> bool:
-    """``True`` if the call failed because its connection died (terminated backend,
-    restart, network), not because of the statement or a pool timeout."""
-    cause = exc.__cause__
+def _storage_error(operation: str, exc: BaseException) -> StorageError:
+    """THE translation of a driver error into :class:`StorageError`; raise the result
+    ``from exc`` so the driver error stays its cause."""
+    return StorageError(operation, str(exc) or type(exc).__name__)
+
+
+def _connection_lost(cause: BaseException) -> bool:
+    """``True`` if the driver error ``cause`` means the connection died (terminated
+    backend, restart, network), not that the statement or the pool failed."""
     if isinstance(cause, OSError):
         return True
     if isinstance(cause, POOL_ERRORS):
@@ -146,7 +158,8 @@ class PostgresStorage:
     ``dsn`` is a libpq connection string or ``postgresql://`` URL. ``schema`` (a lowercase
     identifier) holds the tables; by default the DSN's ``reflow_schema`` query parameter,
     else ``"reflow"``. Nothing connects until :meth:`initialize`. ``drop_schema_on_close``
-    drops the whole schema in :meth:`close` (for tests).
+    drops the whole schema in :meth:`close` (for tests). ``min_size`` and ``max_size``
+    bound the connection pool; keep ``max_size`` above the engine's ``concurrency``.
 
     Time is the server's (``clock_timestamp()``). ``clock`` is for tests only: when
     given, its value replaces the server's "now" in every statement.
@@ -165,7 +178,7 @@ class PostgresStorage:
         schema: str | None = None,
         clock: Clock | None = None,
         min_size: int = 1,
-        max_size: int = 10,
+        max_size: int = _DEFAULT_MAX_SIZE,
         drop_schema_on_close: bool = False,
     ) -> None:
         base_dsn, dsn_schema = split_dsn(dsn)
@@ -200,7 +213,7 @@ class PostgresStorage:
         # json columns load as their exact text; the codec, not psycopg, decodes them.
         self._adapters = AdaptersMap(psycopg.adapters)
         self._adapters.register_loader("json", TextLoader)
-        self._pool: psycopg_pool.AsyncConnectionPool[AsyncConnection[DictRow]] | None = None
+        self._pool: psycopg_pool.AsyncConnectionPool[PooledConnection] | None = None
         self._closed = False
         self._listeners: set[AsyncConnection[Any]] = set()
 
@@ -212,11 +225,11 @@ class PostgresStorage:
     @staticmethod
     @contextlib.contextmanager
     def _translated(operation: str) -> Iterator[None]:
-        """THE place driver errors become :class:`StorageError` (driver error as cause)."""
+        """Driver errors raised inside become :class:`StorageError` (see :func:`_storage_error`)."""
         try:
             yield
         except _DRIVER_ERRORS as exc:
-            raise StorageError(operation, str(exc) or type(exc).__name__) from exc
+            raise _storage_error(operation, exc) from exc
 
     @contextlib.asynccontextmanager
     async def _connection(
@@ -250,23 +263,30 @@ class PostgresStorage:
         attempt landed (see ``execution/run.py``). A second loss is reported.
         """
         for attempt in (1, 2):
-            # The hot path: the pool is used directly, without _connection's layers.
+            # The hot path: the pool is used directly and errors are caught here, without
+            # _connection's and _translated's context-manager layers (a few µs a call).
             pool = self._pool
             if pool is None:
                 raise self._unavailable(operation)
             try:
-                with self._translated(operation):
-                    conn = await pool.getconn()
-                    try:
-                        cur = await conn.execute(query, params, prepare=True)
-                        rows = await cur.fetchall() if cur.description is not None else []
-                        return rows, cur.rowcount
-                    finally:
-                        # Discards a broken connection (a replacement is opened).
-                        await pool.putconn(conn)
-            except StorageError as exc:
+                conn = await pool.getconn()
+                try:
+                    cur = await conn.kept_cursor().execute(query, params, prepare=True)
+                    result = cur.pgresult
+                    # TUPLES_OK: the statement returns rows (SELECT, RETURNING); cheaper
+                    # than building cur.description.
+                    rows = (
+                        await cur.fetchall()
+                        if result is not None and result.status == _TUPLES_OK
+                        else []
+                    )
+                    return rows, cur.rowcount
+                finally:
+                    # Discards a broken connection (a replacement is opened).
+                    await pool.putconn(conn)
+            except _DRIVER_ERRORS as exc:
                 if attempt == 2 or not idempotent or not _connection_lost(exc):
-                    raise
+                    raise _storage_error(operation, exc) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _unavailable(self, operation: str) -> StorageError:
@@ -718,24 +738,29 @@ class PostgresStorage:
             "wake_at": result.wake_at,
             "lease_id": lease_id,
         }
-        async with self._connection("save_step_result") as conn:
-            for attempt in range(_RACE_RETRIES + 1):
-                try:
-                    cur = await conn.execute(_q("save_step_result"), params)
-                    break
-                except psycopg.errors.UniqueViolation as exc:
-                    # ON CONFLICT (id) arbitrates only the primary key: a writer racing
-                    # an insert of the same new row can hit the (run_id, name) index
-                    # instead. Once the other insert has committed, the same statement
-                    # takes the conflict path; a real clash fails every time.
-                    if exc.diag.constraint_name != "steps_run_id_name_key" or (
-                        attempt == _RACE_RETRIES
-                    ):
-                        raise
-            if cur.rowcount > 0:
-                return True
-            cur = await conn.execute(_q("get_step_owner"), params)
-            owner = await cur.fetchone()
+        # One prepared autocommit statement on the fast path. Not retried on a lost
+        # connection: the engine retries step writes, asking whether the first landed.
+        for attempt in range(_RACE_RETRIES + 1):
+            try:
+                if await self._write("save_step_result", _q("save_step_result"), params):
+                    return True
+                break
+            except StorageError as exc:
+                # ON CONFLICT (id) arbitrates only the primary key: a writer racing an
+                # insert of the same new row can hit the (run_id, name) index instead.
+                # Once the other insert has committed, the same statement takes the
+                # conflict path; a real clash fails every time.
+                cause = exc.__cause__
+                if (
+                    not isinstance(cause, psycopg.errors.UniqueViolation)
+                    or cause.diag.constraint_name != "steps_run_id_name_key"
+                    or attempt == _RACE_RETRIES
+                ):
+                    raise
+        # Nothing written: lease not held, a final row kept, or the id is another step's.
+        owner = await self._fetch_one(
+            "save_step_result", _q("get_step_owner"), params, idempotent=True
+        )
         if owner is not None and (owner["run_id"], owner["name"]) != (result.run_id, result.name):
             raise StorageError(
                 "save_step_result",

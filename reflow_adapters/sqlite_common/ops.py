@@ -9,7 +9,6 @@ transaction. "Now" is the adapter's clock, read by the caller and bound as ``:no
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Collection
 from typing import Any
 
@@ -24,6 +23,7 @@ from reflow_adapters.sqlite_common.rows import (
     value_from_text,
 )
 from reflow_core.errors import StorageError
+from reflow_core.lease import new_lease_id
 from reflow_core.schedule import next_fire_time
 from reflow_core.types import (
     ClaimedRun,
@@ -119,7 +119,7 @@ def claim_runs(
     for _, run_id in candidates:
         if len(claimed) == limit:
             break
-        lease_id = str(uuid.uuid4())
+        lease_id = new_lease_id()
         rows = conn.execute(_Q["claim_run"], {**params, "id": run_id, "lease_id": lease_id})
         if rows:
             claimed.append(ClaimedRun(run_from_row(rows[0]), lease_id))

@@ -327,9 +327,10 @@ class SQLiteStorageBase:
 
     async def listen_for_work(self, on_work: Callable[[], None]) -> None:
         """Call ``on_work`` soon after another connection (another process, or another
-        handle on the file) commits, until cancelled: a watch on ``PRAGMA data_version``
-        every ``watch_ms`` (see ``notify.py``). An in-memory database has no other
-        connection, so nothing is ever notified."""
+        handle on the file) commits, until cancelled: a watch on ``PRAGMA data_version``,
+        read when the WAL is written to (inotify, on Linux) or else every ``watch_ms``
+        (see ``notify.py``). An in-memory database has no other connection, so nothing
+        is ever notified."""
         if self._closed:
             raise StorageError("listen_for_work", "the storage is closed")
         if self._in_memory:

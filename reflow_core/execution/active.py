@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,14 +47,20 @@ class ActiveRun:
     """The heartbeat call in flight, if any (never more than one per run)."""
     _fence: asyncio.TimerHandle | None = None
     _loop: asyncio.AbstractEventLoop | None = None
+    clock: Callable[[], float] | None = None
+    """The loop's clock (set by :meth:`arm`), read before every write: see :meth:`fenced`."""
 
     def arm(self) -> None:
         """Start the fence timer (on the running loop) at :attr:`deadline`."""
         if self._fence is not None:
             self._fence.cancel()
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
-        self._fence = self._loop.call_at(self.deadline, self._fence_expired)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+            # asyncio's own loops tell time by time.monotonic: call it without the method.
+            plain = type(loop).time is asyncio.BaseEventLoop.time
+            self.clock = time.monotonic if plain else loop.time
+        self._fence = loop.call_at(self.deadline, self._fence_expired)
 
     def renewed(self, sent_at: float, fence_after: float) -> None:
         """The store confirmed a renewal sent at ``sent_at`` (loop time): move the fence."""
@@ -61,6 +68,13 @@ class ActiveRun:
         if deadline > self.deadline and self.wants_lease():
             self.deadline = deadline
             self.arm()
+
+    def engine_cancelled(self) -> bool:
+        """Whether a ``CancelledError`` in the current task is the engine's own (abort,
+        stop, timeout) rather than one user code raised or leaked (awaiting a task
+        something else cancelled)."""
+        task = asyncio.current_task()
+        return self.abort_reason is not None or (task is not None and task.cancelling() > 0)
 
     def wants_lease(self) -> bool:
         """Whether the lease is still worth renewing: the run executes, or the engine
@@ -70,11 +84,11 @@ class ActiveRun:
 
     def fenced(self) -> bool:
         """True once the local deadline passed: write nothing more for this run."""
-        # Read on every write: the loop is kept from arm() rather than looked up each time.
-        loop = self._loop
-        if loop is None:
-            loop = asyncio.get_running_loop()
-        return loop.time() >= self.deadline
+        # Read on every write: the clock is kept from arm() rather than looked up each time.
+        clock = self.clock
+        if clock is None:
+            return asyncio.get_running_loop().time() >= self.deadline
+        return clock() >= self.deadline
 
     def _fence_expired(self) -> None:
         self._fence = None

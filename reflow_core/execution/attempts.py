@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from reflow_core.context import CancelSignal, EarlyCompletion, StepContext
 from reflow_core.errors import ControlFlow, StepInterruptedError, StepTimeoutError
 from reflow_core.events import RetryScheduled
-from reflow_core.execution.run import describe_error
+from reflow_core.execution.run import RunContext, describe_error
 from reflow_core.types import ErrorInfo, StepStatus
 from reflow_core.workflow import StepUnit
 
@@ -80,8 +80,7 @@ def _in_thread(fn: Any, ctx: StepContext[Any]) -> Any:
 def engine_cancelled(ex: RunExecution) -> bool:
     """Whether a CancelledError is the engine's own (abort, stop, timeout) rather than
     one the step's code raised or leaked (awaiting a task something else cancelled)."""
-    task = asyncio.current_task()
-    return ex.active.abort_reason is not None or (task is not None and task.cancelling() > 0)
+    return ex.active.engine_cancelled()
 
 
 async def _attempt(
@@ -145,7 +144,8 @@ async def run_attempts(
                 signal = CancelSignal()
                 signals.add(signal)
                 try:
-                    value = await unit.fn(ex.context(unit.name, attempt, signal))
+                    # What ex.context() makes, without the call in between.
+                    value = await unit.fn(RunContext(ex, unit.name, attempt, signal))
                 finally:
                     signals.discard(signal)
             else:
@@ -162,10 +162,6 @@ async def run_attempts(
             if ex.active.abort_reason is not None:
                 raise ex.active.abort_reason from interrupted
             return AttemptResult(attempts=attempt, error=interrupted)  # never retried
-        except (SystemExit, KeyboardInterrupt, GeneratorExit) as fatal:
-            if ex.active.abort_reason is not None:
-                raise ex.active.abort_reason from fatal
-            return AttemptResult(attempts=attempt, error=_interrupted(unit, fatal))
         except Exception as error:
             if ex.active.abort_reason is not None:
                 raise ex.active.abort_reason from error
@@ -185,6 +181,13 @@ async def run_attempts(
             await _retry_scheduled(ex, unit, attempt, info, decision.delay, None)
             if decision.delay > 0:
                 await asyncio.sleep(decision.delay)
+        except BaseException as fatal:
+            # SystemExit (a library calling sys.exit()), KeyboardInterrupt, GeneratorExit,
+            # a BaseExceptionGroup or any library's own BaseException: the step's outcome,
+            # never the worker's end, and never retried.
+            if ex.active.abort_reason is not None:
+                raise ex.active.abort_reason from fatal
+            return AttemptResult(attempts=attempt, error=_interrupted(unit, fatal))
         else:
             return AttemptResult(attempts=attempt, value=value)
 

@@ -52,7 +52,7 @@ from reflow_core.types import (
 )
 from reflow_core.workflow import FailureContext, Workflow
 
-__all__ = ["Outcome", "RunExecution", "describe_error", "step_id"]
+__all__ = ["Outcome", "RunContext", "RunExecution", "describe_error", "step_id"]
 
 _RETRY_FIRST_S = 0.05
 _RETRY_MAX_S = 2.0
@@ -133,8 +133,72 @@ def executor(kind: type[Any]) -> Callable[[UnitExecutor], UnitExecutor]:
     return register
 
 
+_NOT_LOADED: Any = object()
+
+
+class RunContext(StepContext[Any]):
+    """The context the engine hands a step: ``prev`` and ``steps`` are read from the
+    execution when the step asks for them, rather than built for every attempt (most
+    steps read neither)."""
+
+    __slots__ = ("_count", "_execution", "_prev_name", "_view")
+
+    def __init__(self, ex: RunExecution, step: str, attempt: int, signal: CancelSignal) -> None:
+        # The base __init__ is skipped on purpose: it would store a loader and a view.
+        run = ex.run
+        self.run_id = run.id
+        self.workflow = run.workflow
+        self.step = step
+        self.attempt = attempt
+        self.input = ex.input
+        self.cancel = signal
+        self._execution = ex
+        self._prev_name = ex.prev_name
+        self._count = len(ex._order)  # ``steps`` is the outputs recorded by now
+        self._prev = _NOT_LOADED
+        self._view: StepOutputs | None = None
+
+    @property
+    def prev(self) -> Any:
+        """Output of the previous unit that produced one (a fresh copy)."""
+        if self._prev is _NOT_LOADED:
+            name = self._prev_name
+            self._prev = self._execution.output(name) if name else None
+        return self._prev
+
+    @property
+    def steps(self) -> StepOutputs:
+        """Every earlier unit's output by name, as of this step's start."""
+        view = self._view
+        if view is None:
+            ex = self._execution
+            view = self._view = StepOutputs(ex._order, ex.output, self._count)
+        return view
+
+
 class RunExecution:
     """State of one claimed run while this engine executes it."""
+
+    # One per claim: slots make building it (and every attribute read) cheaper.
+    __slots__ = (
+        "_encoded",
+        "_order",
+        "_step_ids",
+        "_types",
+        "active",
+        "current",
+        "ended",
+        "failure",
+        "input",
+        "listens",
+        "prev_name",
+        "rows",
+        "run",
+        "runtime",
+        "started",
+        "storage",
+        "workflow",
+    )
 
     def __init__(
         self, runtime: Runtime, claimed: ClaimedRun, workflow: Workflow[Any], active: ActiveRun
@@ -142,6 +206,8 @@ class RunExecution:
         self.runtime = runtime
         self.storage = runtime.storage
         self.run = claimed.run
+        # Every step row's id is this plus the step's name (see step_id): made once.
+        self._step_ids = step_id(claimed.run.id, "")
         self.workflow = workflow
         self.active = active
         self.rows: dict[str, StepResult] = {}
@@ -210,17 +276,7 @@ class RunExecution:
 
     def context(self, step: str, attempt: int, signal: CancelSignal) -> StepContext[Any]:
         """The context a step (or predicate) receives."""
-        prev_name = self.prev_name
-        return StepContext(
-            run_id=self.run.id,
-            workflow=self.run.workflow,
-            step=step,
-            attempt=attempt,
-            input=self.input,
-            prev_loader=(lambda: self.output(prev_name)) if prev_name else (lambda: None),
-            steps=StepOutputs(self._order, self.output, len(self._order)),
-            cancel=signal,
-        )
+        return RunContext(self, step, attempt, signal)
 
     # -- writes ---------------------------------------------------------------
 
@@ -240,11 +296,24 @@ class RunExecution:
         ``encoded`` is ``codec.encode(output)`` when the caller has it: storage then
         reuses it instead of encoding the output a second time.
         """
-        row = self.step_row(
-            name, status, output=output, error=error, attempts=attempts, wake_at=wake_at
+        # step_row, inlined: every step is saved at least once.
+        now = self.runtime.clock()
+        existing = self.rows.get(name)
+        row = StepResult(
+            id=self._step_ids + name,
+            run_id=self.run.id,
+            name=name,
+            status=status,
+            output=output,
+            error=error,
+            attempts=attempts,
+            created_at=existing.created_at if existing else now,
+            updated_at=now,
+            wake_at=wake_at,
         )
         self.guard()
-        known = None if encoded is None else codec.encoded_as(output, encoded)
+        # codec.encoded_as / codec.forget, without their calls: every step gets here.
+        known = None if encoded is None else codec.KNOWN_ENCODING.set((output, encoded))
         try:  # the common case, without building the retry machinery
             written = await self.storage.save_step_result(row, self.active.lease_id)
         except StorageError:
@@ -267,7 +336,7 @@ class RunExecution:
             )
         finally:
             if known is not None:
-                codec.forget(known)
+                codec.KNOWN_ENCODING.reset(known)
         if not written:
             raise LeaseExpiredError(
                 self.run.id,
@@ -345,7 +414,12 @@ class RunExecution:
     def guard(self) -> None:
         """Raise :class:`LeaseExpiredError` if the lease fence has passed: no write may be
         sent once this worker cannot be sure it still holds the run."""
-        if self.active.fenced():
+        # ActiveRun.fenced, inlined: this runs before every step and every write.
+        active = self.active
+        clock = active.clock
+        if clock is None:
+            clock = asyncio.get_running_loop().time
+        if clock() >= active.deadline:
             raise LeaseExpiredError(self.run.id, FENCED)
 
     def step_row(
@@ -362,7 +436,7 @@ class RunExecution:
         now = self.runtime.clock()
         existing = self.rows.get(name)
         return StepResult(
-            id=step_id(self.run.id, name),
+            id=self._step_ids + name,
             run_id=self.run.id,
             name=name,
             status=status,
@@ -410,7 +484,8 @@ class RunExecution:
         if self.run.recoveries > self.workflow.max_recoveries:
             await self.fail(self._crash_loop())
             return
-        damage = self._damage()
+        # Only a stored value can be damaged: a first claim with a sound input has none.
+        damage = self._damage() if self.rows or isinstance(self.run.input, DamagedValue) else None
         if damage is not None:
             await self.fail(damage)
             return
@@ -518,7 +593,13 @@ class RunExecution:
                     await result
             except ControlFlow:
                 raise
-            except Exception as exc:
+            except asyncio.CancelledError as exc:
+                if self.active.engine_cancelled():
+                    raise
+                await self.runtime.observers.error(HookError("on_failure handler", exc))
+            except BaseException as exc:
+                # sys.exit() in a handler must not end the worker: the run still fails
+                # (else the next claim would call the handler again, forever).
                 await self.runtime.observers.error(HookError("on_failure handler", exc))
         stored = await self.retrying(
             "update_claimed_run_status",

@@ -63,7 +63,9 @@ async def _decide(ex: RunExecution, unit: StepUnit) -> bool:
         if engine_cancelled(ex):
             raise
         raise StepInterruptedError(unit.name, cancelled) from cancelled
-    except (SystemExit, KeyboardInterrupt, GeneratorExit) as fatal:
+    except Exception:
+        raise  # an ordinary error: the caller records it
+    except BaseException as fatal:  # sys.exit() and the like: the run's outcome, not ours
         raise StepInterruptedError(unit.name, fatal) from fatal
 
 
@@ -110,8 +112,9 @@ async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = Tr
         now = await ex.storage.now()
         if row.wake_at > now:  # claimed before its next attempt is due: sleep on
             return await suspend_until(ex, row.wake_at, now, reason="retry", step=unit.name)
-    # Only for the durations of events: a clock read per step otherwise spent for nothing.
-    started = time.monotonic() if ex.listening else None
+    # For the durations of events. Read whether or not anyone listens yet: the clock is
+    # cheaper than asking, and an observer subscribed meanwhile still gets a duration.
+    started: float | None = time.monotonic()
     if announce and ex.listens(StepStarted):
         first = row.attempts + 1 if row is not None and row.status is StepStatus.RUNNING else 1
         await ex.emit(StepStarted, step=unit.name, attempt=first)
@@ -120,8 +123,7 @@ async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = Tr
         return await suspend_until(ex, result.retry_at, result.now, reason="retry", step=unit.name)
     if result.error is None:
         try:
-            plain = codec.to_plain(result.value, unit.output_type)
-            encoded = codec.encode(plain)
+            plain, encoded = codec.to_stored(result.value, unit.output_type)
         except SerializationError as exc:
             result.error = SerializationError(
                 f"step {unit.name!r} returned a value that cannot be stored: {exc}", exc.path
@@ -152,9 +154,10 @@ def run_step(ex: RunExecution, unit: StepUnit) -> Awaitable[Outcome]:
 
     A plain function handing back the coroutine to await: no extra frame per step.
     """
-    replayed = replay(ex, unit)
-    if replayed is not None:
-        return _replayed(replayed)
+    if unit.name in ex.rows:  # only a step with a row can replay (none on a first claim)
+        replayed = replay(ex, unit)
+        if replayed is not None:
+            return _replayed(replayed)
     return run_step_unit(ex, unit)
 
 

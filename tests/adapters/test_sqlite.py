@@ -13,6 +13,7 @@ import asyncio
 import multiprocessing
 import re
 import sqlite3
+import sys
 import threading
 from collections.abc import Coroutine
 from pathlib import Path
@@ -1005,10 +1006,24 @@ def _create_one(cls: type[SQLiteStorageBase], path: str, run_id: str) -> None:
     asyncio.run(create())
 
 
+@pytest.mark.parametrize("file_events", [True, False], ids=["file-events", "polling"])
 @pytest.mark.parametrize("cls", ADAPTERS)
 def test_a_commit_in_another_process_wakes_the_listener(
-    cls: type[SQLiteStorageBase], tmp_path: Path
+    cls: type[SQLiteStorageBase], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, file_events: bool
 ) -> None:
+    """On Linux the watch blocks on inotify events for the WAL; where they are not
+    available it polls ``data_version``: either way a commit elsewhere wakes it."""
+    from reflow_adapters.sqlite_common import notify
+
+    opened: list[object] = []
+    real_open = notify._WalEvents.open
+
+    def open_events(database: str, wake_fd: int) -> object:
+        events = real_open(database, wake_fd) if file_events else None
+        opened.append(events)
+        return events
+
+    monkeypatch.setattr(notify._WalEvents, "open", staticmethod(open_events))
     path = str(tmp_path / "watch.db")
 
     async def main() -> None:
@@ -1036,6 +1051,9 @@ def test_a_commit_in_another_process_wakes_the_listener(
         await storage.close()
 
     run(main())
+    assert opened, "the watch never started"
+    if file_events and sys.platform.startswith("linux"):
+        assert all(events is not None for events in opened), "inotify was not used"
 
 
 @pytest.mark.parametrize("cls", ADAPTERS)

@@ -342,3 +342,29 @@ def test_adversarial_names_run_end_to_end(adapter: str, tmp_path: Any) -> None:
             await storage.close()
 
     run(scenario())
+
+
+def test_new_run_ids_are_version_7_unique_and_ordered_by_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+    import uuid
+
+    from reflow_core import identifiers
+
+    fresh = [identifiers.new_run_id() for _ in range(10_000)]
+    assert len(set(fresh)) == len(fresh)
+    for text in fresh[:100]:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
+        assert str(parsed) == text and identifiers.is_identifier(text)
+
+    # Ids of later milliseconds sort later, whatever their random bits; the first 48
+    # bits are the Unix time in milliseconds.
+    moments = [1_700_000_000_000, 1_700_000_000_001, 1_800_000_000_000]
+    ids = []
+    for ms in moments:
+        monkeypatch.setattr(time, "time_ns", lambda ms=ms: ms * 1_000_000 + 999_999)
+        ids.append(identifiers.new_run_id())
+    assert ids == sorted(ids)
+    assert [int(text.replace("-", "")[:12], 16) for text in ids] == moments
