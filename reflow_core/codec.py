@@ -578,17 +578,7 @@ def to_stored(value: Any, declared: Any = None) -> tuple[Any, bytes]:
         plain = value
     else:
         plain = to_plain(value, declared)
-    # encode(), without the encoded_as lookup.
-    try:
-        tagged = _needs_tags(plain)
-    except _Reject as reject:
-        raise _rejection(reject) from None
-    except RecursionError:
-        raise SerializationError("$: value is nested too deeply to persist", path="$") from None
-    try:
-        return plain, _json_encoder.encode(_tag(plain) if tagged else plain)
-    except (msgspec.EncodeError, ValueError, OverflowError) as exc:
-        return plain, _encode_slowly(_json_encoder, plain, _tag(plain) if tagged else plain, exc)
+    return plain, _encode_with(_json_encoder, plain)  # encode(), without its memo lookup
 
 
 def from_plain(value: Any, declared: Any = None) -> Any:

@@ -296,20 +296,8 @@ class RunExecution:
         ``encoded`` is ``codec.encode(output)`` when the caller has it: storage then
         reuses it instead of encoding the output a second time.
         """
-        # step_row, inlined: every step is saved at least once.
-        now = self.runtime.clock()
-        existing = self.rows.get(name)
-        row = StepResult(
-            id=self._step_ids + name,
-            run_id=self.run.id,
-            name=name,
-            status=status,
-            output=output,
-            error=error,
-            attempts=attempts,
-            created_at=existing.created_at if existing else now,
-            updated_at=now,
-            wake_at=wake_at,
+        row = self.step_row(
+            name, status, output=output, error=error, attempts=attempts, wake_at=wake_at
         )
         self.guard()
         # codec.encoded_as / codec.forget, without their calls: every step gets here.
