@@ -35,7 +35,7 @@ def build_cli() -> click.Group:
     the command modules are imported only when the command runs)."""
     import click
 
-    from reflow_cli.commands import adapters, db, events, process, runs, schedules
+    from reflow_cli.commands import adapters, db, events, process, run_actions, runs, schedules
 
     @click.group(context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(package_name="reflow")
@@ -58,6 +58,8 @@ def build_cli() -> click.Group:
         db.db,
     ):
         cli.add_command(command)
+    for action in run_actions.ACTIONS:
+        runs.runs.add_command(action)
     return cli
 
 
