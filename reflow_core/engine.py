@@ -42,6 +42,7 @@ from reflow_core.errors import (
     DuplicateWorkflowError,
     EngineStoppedError,
     IdempotencyConflictError,
+    ReflowError,
     RunCancelledError,
     WorkflowNotFoundError,
 )
@@ -69,6 +70,10 @@ from reflow_core.waits import wait_set
 from reflow_core.workflow import Workflow
 
 __all__ = ["Engine", "RunView"]
+
+_RECANCEL_EVERY_S = 0.5
+_BACKGROUND_STOP_S = 10.0
+"""How long ``stop()`` keeps cancelling a background task that will not end."""
 
 _ACTIVE_STATUSES = (RunStatus.PENDING, RunStatus.RUNNING, RunStatus.SLEEPING, RunStatus.WAITING)
 
@@ -277,13 +282,41 @@ class Engine:
             )
         for task in self._background:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._end_background()
         self._background.clear()
         self.observers.close_streams()
         if self._threads is not None:
             self._threads.shutdown(wait=False, cancel_futures=True)
         if self._owns_storage:
             await self.storage.close()
+
+    async def _end_background(self) -> None:
+        """Wait for the cancelled background tasks to end, cancelling again any that
+        swallowed its cancellation (a driver's read loop can); after
+        :data:`_BACKGROUND_STOP_S` report what still runs and leave it: ``stop()`` never
+        hangs on a task that will not end."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _BACKGROUND_STOP_S
+        pending = set(self._background)
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=_RECANCEL_EVERY_S)
+            for task in done:  # retrieved, as gather(return_exceptions=True) would
+                if not task.cancelled():
+                    task.exception()
+            if not pending:
+                return
+            if loop.time() >= deadline:
+                names = ", ".join(sorted(task.get_name() for task in pending))
+                await self.observers.error(
+                    ReflowError(
+                        f"background task(s) {names} did not end within "
+                        f"{_BACKGROUND_STOP_S:g}s of being cancelled; stop() leaves them "
+                        "behind (a storage driver that swallows cancellation?)"
+                    )
+                )
+                return
+            for task in pending:
+                task.cancel()
 
     async def __aenter__(self) -> Engine:
         await self.start()

@@ -510,9 +510,22 @@ async def _serve(args: argparse.Namespace) -> None:
         await stop.wait()
         emit("STOPPING", PID)
     finally:
-        await engine.stop()
-        await storage.close()
+        # A stop that hangs is a failure the test sees only as a timeout: leave the
+        # stacks of every task on stderr for whoever reads it.
+        slow = loop.call_later(10.0, _dump_tasks)
+        try:
+            await engine.stop()
+            await storage.close()
+        finally:
+            slow.cancel()
     emit("STOPPED", PID)
+
+
+def _dump_tasks() -> None:
+    print("stop() is taking over 10 s; the tasks now:", file=sys.stderr)
+    for task in asyncio.all_tasks():
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
