@@ -61,7 +61,6 @@ import msgspec
 from reflow_core.errors import SerializationError, ValidationError
 
 __all__ = [
-    "KNOWN_ENCODING",
     "MAX_DEPTH",
     "MAX_INT_DIGITS",
     "canonical",
@@ -87,10 +86,6 @@ _json_encoder = msgspec.json.Encoder()
 _canonical_encoder = msgspec.json.Encoder(order="sorted")
 _json_decoder = msgspec.json.Decoder()
 _known: ContextVar[tuple[Any, bytes] | None] = ContextVar("reflow_codec_known", default=None)
-KNOWN_ENCODING = _known
-"""The context variable behind :func:`encoded_as` and :func:`forget`, for a path that
-runs for every step: ``token = KNOWN_ENCODING.set((value, data))`` then
-``KNOWN_ENCODING.reset(token)`` do the same without a Python call of their own."""
 
 _INT_BOUND = 10**MAX_INT_DIGITS  # |n| < bound <=> n has at most MAX_INT_DIGITS digits
 _NEG_INT_BOUND = -_INT_BOUND

@@ -176,9 +176,7 @@ def new_run_id() -> str:
     >>> uuid.UUID(new_run_id()).version
     7
     """
-    value = (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(
-        os.urandom(10)
-    )
+    value = (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | int.from_bytes(os.urandom(10))
     # Overwrite the version (0111) and variant (10) bits where RFC 9562 puts them.
     value = value & ~(0xF << 76) & ~(0b11 << 62) | 0x7 << 76 | 0b10 << 62
     text = f"{value:032x}"

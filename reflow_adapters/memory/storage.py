@@ -343,14 +343,15 @@ class MemoryStorage:
         error: ErrorInfo | None = None,
     ) -> bool:
         """Set a held run's status with ``output``/``error``; lease kept only when running."""
-        # _check_run_id, _check and _held, inlined: this ends every run.
+        # _check_run_id and _check, inlined: this ends every run.
         row = self._runs.get(run_id)
         if row is None:
             check_identifier(run_id, "run id")
         if self._closed:
             self._check("update_claimed_run_status")
         data = None if output is None else codec.encode(output)
-        if row is None or row.status is not _RUNNING or row.lease_id != lease_id:
+        row = self._held(run_id, lease_id)
+        if row is None:
             return False
         if status.__class__ is not RunStatus:  # a plain str value is accepted too
             status = RunStatus(status)
@@ -398,8 +399,8 @@ class MemoryStorage:
     async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
         """Upsert a step row by id, never over a final row; with ``lease_id``, only if held."""
         # A stored run's id was checked when it was created, and a stored row's id and
-        # name when it was first written (_check_run_id's shortcut); _check and _held are
-        # inlined: this is every step's checkpoint.
+        # name when it was first written (_check_run_id's shortcut); _check is inlined:
+        # this is every step's checkpoint.
         row = self._runs.get(result.run_id)
         if row is None:
             check_step(result)
@@ -418,9 +419,7 @@ class MemoryStorage:
         if self._closed:
             self._check("save_step_result")
         output = None if result.output is None else codec.encode(result.output)
-        if lease_id is not None and (
-            row is None or row.status is not _RUNNING or row.lease_id != lease_id
-        ):
+        if lease_id is not None and self._held(result.run_id, lease_id) is None:
             return False
         # May raise on an identity clash; False when a final row stands (write-once).
         return self._steps.upsert(result, output, "save_step_result")

@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 from reflow_core.context import CancelSignal, EarlyCompletion, StepContext
 from reflow_core.errors import ControlFlow, StepInterruptedError, StepTimeoutError
 from reflow_core.events import RetryScheduled
-from reflow_core.execution.run import RunContext, describe_error
+from reflow_core.execution.run import describe_error
 from reflow_core.types import ErrorInfo, StepStatus
 from reflow_core.workflow import StepUnit
 
 if TYPE_CHECKING:
     from reflow_core.execution.run import RunExecution
 
-__all__ = ["DURABLE_BACKOFF_S", "AttemptResult", "engine_cancelled", "run_attempts"]
+__all__ = ["DURABLE_BACKOFF_S", "AttemptResult", "run_attempts"]
 
 
 DURABLE_BACKOFF_S = 1.0
@@ -75,12 +75,6 @@ def _in_thread(fn: Any, ctx: StepContext[Any]) -> Any:
         raise
     except BaseException as error:
         return _Raised(error)
-
-
-def engine_cancelled(ex: RunExecution) -> bool:
-    """Whether a CancelledError is the engine's own (abort, stop, timeout) rather than
-    one the step's code raised or leaked (awaiting a task something else cancelled)."""
-    return ex.active.engine_cancelled()
 
 
 async def _attempt(
@@ -144,8 +138,7 @@ async def run_attempts(
                 signal = CancelSignal()
                 signals.add(signal)
                 try:
-                    # What ex.context() makes, without the call in between.
-                    value = await unit.fn(RunContext(ex, unit.name, attempt, signal))
+                    value = await unit.fn(ex.context(unit.name, attempt, signal))
                 finally:
                     signals.discard(signal)
             else:
@@ -155,7 +148,7 @@ async def run_attempts(
         except ControlFlow:
             raise
         except asyncio.CancelledError as cancelled:
-            if engine_cancelled(ex):
+            if ex.active.engine_cancelled():
                 raise
             return AttemptResult(attempts=attempt, error=_interrupted(unit, cancelled))
         except StepInterruptedError as interrupted:

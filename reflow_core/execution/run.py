@@ -300,8 +300,7 @@ class RunExecution:
             name, status, output=output, error=error, attempts=attempts, wake_at=wake_at
         )
         self.guard()
-        # codec.encoded_as / codec.forget, without their calls: every step gets here.
-        known = None if encoded is None else codec.KNOWN_ENCODING.set((output, encoded))
+        known = None if encoded is None else codec.encoded_as(output, encoded)
         try:  # the common case, without building the retry machinery
             written = await self.storage.save_step_result(row, self.active.lease_id)
         except StorageError:
@@ -324,7 +323,7 @@ class RunExecution:
             )
         finally:
             if known is not None:
-                codec.KNOWN_ENCODING.reset(known)
+                codec.forget(known)
         if not written:
             raise LeaseExpiredError(
                 self.run.id,
@@ -402,12 +401,7 @@ class RunExecution:
     def guard(self) -> None:
         """Raise :class:`LeaseExpiredError` if the lease fence has passed: no write may be
         sent once this worker cannot be sure it still holds the run."""
-        # ActiveRun.fenced, inlined: this runs before every step and every write.
-        active = self.active
-        clock = active.clock
-        if clock is None:
-            clock = asyncio.get_running_loop().time
-        if clock() >= active.deadline:
+        if self.active.fenced():
             raise LeaseExpiredError(self.run.id, FENCED)
 
     def step_row(

@@ -17,7 +17,7 @@ from reflow_core.errors import (
     StepInterruptedError,
 )
 from reflow_core.events import StepCompleted, StepFailed, StepSkipped, StepStarted
-from reflow_core.execution.attempts import engine_cancelled, run_attempts
+from reflow_core.execution.attempts import run_attempts
 from reflow_core.execution.run import Outcome, RunExecution, describe_error, executor
 from reflow_core.execution.sleep import suspend_until
 from reflow_core.types import ErrorInfo, StepStatus
@@ -60,7 +60,7 @@ async def _decide(ex: RunExecution, unit: StepUnit) -> bool:
             "predicate decides whether the step runs; complete early from a step instead"
         ) from None
     except asyncio.CancelledError as cancelled:
-        if engine_cancelled(ex):
+        if ex.active.engine_cancelled():
             raise
         raise StepInterruptedError(unit.name, cancelled) from cancelled
     except Exception:

@@ -217,26 +217,6 @@ class TerminalKeepsLease(MemoryStorage):
         row = self._runs.get(run_id)
         return row if row is not None and row.lease_id == lease_id else None
 
-    def _as_if_running(self, run_id: str, lease_id: str | None) -> RunStatus | None:
-        # The adapter's hot paths inline the lease check (status running and lease id):
-        # the bug is let through by showing them a final run that kept its lease id as
-        # running for the call. Returns the status to put back, if any.
-        row = self._runs.get(run_id)
-        if lease_id is None or row is None or row.lease_id != lease_id:
-            return None
-        if RunStatus(row.status) not in _TERMINAL:
-            return None
-        status, row.status = row.status, RunStatus.RUNNING
-        return status
-
-    async def save_step_result(self, result: StepResult, lease_id: str | None = None) -> bool:
-        status = self._as_if_running(result.run_id, lease_id)
-        try:
-            return await super().save_step_result(result, lease_id)
-        finally:
-            if status is not None:
-                self._runs[result.run_id].status = status
-
     async def update_claimed_run_status(
         self,
         run_id: str,
@@ -246,17 +226,9 @@ class TerminalKeepsLease(MemoryStorage):
         output: Any = None,
         error: ErrorInfo | None = None,
     ) -> bool:
-        before = self._as_if_running(run_id, lease_id)
-        try:
-            ok = await super().update_claimed_run_status(
-                run_id, lease_id, status, output=output, error=error
-            )
-        except BaseException:
-            if before is not None:
-                self._runs[run_id].status = before
-            raise
-        if not ok and before is not None:
-            self._runs[run_id].status = before
+        ok = await super().update_claimed_run_status(
+            run_id, lease_id, status, output=output, error=error
+        )
         if ok and RunStatus(status) in _TERMINAL:
             self._runs[run_id].lease_id = lease_id  # the bug: not cleared on a final status
         return ok
