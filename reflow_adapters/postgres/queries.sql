@@ -269,6 +269,30 @@ SET status = %(status)s, output = %(output)s::json, error = %(error)s::json,
 FROM clock
 WHERE runs.id = %(id)s AND runs.status = 'running' AND runs.lease_id = %(lease_id)s;
 
+-- name: update_claimed_run_statuses
+-- update_claimed_run_status for several runs in one statement and one commit (concurrent
+-- callers coalesced, see coalesce.py); never for 'pending', which must notify. Each row
+-- is checked and written exactly as the one-run statement does; RETURNING names the runs
+-- written. The adapter never puts one run twice in a batch.
+WITH clock AS MATERIALIZED (SELECT reflow_now(%(now)s::bigint) AS now),
+batch AS (
+    SELECT *
+    FROM unnest(%(id)s::text[], %(lease_id)s::text[], %(status)s::text[],
+                %(output)s::text[], %(error)s::text[])
+         AS b(id, lease_id, status, output, error)
+)
+UPDATE runs
+SET status = batch.status, output = batch.output::json, error = batch.error::json,
+    updated_at = clock.now,
+    lease_id = CASE WHEN batch.status = 'running' THEN runs.lease_id END,
+    claimed_at = CASE WHEN batch.status = 'running' THEN runs.claimed_at END,
+    lease_ms = CASE WHEN batch.status = 'running' THEN runs.lease_ms END,
+    lease_expires_at = CASE WHEN batch.status = 'running' THEN runs.lease_expires_at END,
+    holder = CASE WHEN batch.status = 'running' THEN runs.holder END
+FROM clock, batch
+WHERE runs.id = batch.id AND runs.status = 'running' AND runs.lease_id = batch.lease_id
+RETURNING runs.id;
+
 -- name: requeue_run
 -- An operator's resume: a fresh count of recoveries.
 WITH clock AS MATERIALIZED (SELECT reflow_now(%(now)s::bigint) AS now)
@@ -306,6 +330,36 @@ SET status = EXCLUDED.status, output = EXCLUDED.output, error = EXCLUDED.error,
     wake_at = EXCLUDED.wake_at
 WHERE steps.run_id = EXCLUDED.run_id AND steps.name = EXCLUDED.name
   AND steps.status NOT IN ('completed', 'completed-early', 'skipped');
+
+-- name: save_step_results
+-- save_step_result for several steps in one statement and one commit (concurrent callers
+-- coalesced, see coalesce.py). Each row is guarded exactly as the one-step statement
+-- guards it (lease held, FOR SHARE on its run, write-once); RETURNING names the rows
+-- written. The adapter never puts one step id twice in a batch (ON CONFLICT DO UPDATE
+-- may not touch a row twice in one statement). Rows go in (run_id, id) order, so two
+-- batches that touch the same rows lock them in the same order.
+INSERT INTO steps (id, run_id, name, status, output, error, attempts, created_at,
+                   updated_at, wake_at)
+SELECT b.id, b.run_id, b.name, b.status, b.output::json, b.error::json,
+       b.attempts, b.created_at, b.updated_at, b.wake_at
+FROM unnest(%(id)s::text[], %(run_id)s::text[], %(name)s::text[], %(status)s::text[],
+            %(output)s::text[], %(error)s::text[], %(attempts)s::integer[],
+            %(created_at)s::bigint[], %(updated_at)s::bigint[], %(wake_at)s::bigint[],
+            %(lease_id)s::text[])
+     AS b(id, run_id, name, status, output, error, attempts, created_at, updated_at,
+          wake_at, lease_id)
+WHERE b.lease_id IS NULL
+   OR EXISTS (SELECT 1 FROM runs
+              WHERE id = b.run_id AND status = 'running' AND lease_id = b.lease_id
+              FOR SHARE)
+ORDER BY b.run_id, b.id
+ON CONFLICT (id) DO UPDATE
+SET status = EXCLUDED.status, output = EXCLUDED.output, error = EXCLUDED.error,
+    attempts = EXCLUDED.attempts, updated_at = EXCLUDED.updated_at,
+    wake_at = EXCLUDED.wake_at
+WHERE steps.run_id = EXCLUDED.run_id AND steps.name = EXCLUDED.name
+  AND steps.status NOT IN ('completed', 'completed-early', 'skipped')
+RETURNING steps.id;
 
 -- name: get_step_owner
 -- Asked only after save_step_result (or consume_event) wrote nothing, to tell "lease

@@ -10,6 +10,11 @@ Design in brief (the queries themselves are in ``queries.sql``):
   call leaves nothing half-written. A connection lost mid-call fails that call; an
   idempotent one (reads, claims, heartbeats) is retried once on a fresh connection,
   and lease-checked writes are retried by the engine, which asks whether they landed.
+* Checkpoints and run endings, the writes every run makes, are coalesced
+  (``coalesce.py``): those made at the same moment by different runs share one
+  statement and one commit, each row guarded as if it were alone. Alone, a write goes
+  at once; under load, one commit serves dozens. An error that is one row's (an insert
+  race, a deadlock) sends that batch's writes again one by one.
 * The adapter's schema is every connection's ``search_path`` (a ``-c`` option in the
   conninfo), so ``queries.sql`` is schema-agnostic and readable. Schema names are
   restricted to lowercase identifiers, which makes that option safe without quoting.
@@ -39,7 +44,15 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, LiteralString
 
 import psycopg
@@ -81,6 +94,7 @@ from reflow_core.types import (
 )
 
 from . import admin
+from .coalesce import Coalescer
 from .conninfo import advisory_key, split_dsn, with_schema_param
 from .notify import listen
 from .pool import POOL_ERRORS, PooledConnection, new_pool
@@ -102,6 +116,11 @@ _MAX_BIGINT = 2**63 - 1
 """The bound of a listing's first page (see list_runs in queries.sql)."""
 _RACE_RETRIES = 3
 """How often a statement that lost an insert race on a secondary unique index is retried."""
+_BATCH_MAX = 64
+"""The most checkpoints (or run completions) one coalesced statement carries."""
+_BATCH_LANES = 3
+"""Coalesced statements in flight at once, per kind: one that waits on a row lock holds
+up only its own batch."""
 
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,49}")
@@ -145,6 +164,15 @@ def _connection_lost(cause: BaseException) -> bool:
 class _KeptFinalRow(Exception):
     """Rolls back a ``consume_event`` transaction that found its checkpoint already
     final; never escapes the adapter."""
+
+
+def _by_id(params: Mapping[str, Any]) -> Any:
+    return params["id"]
+
+
+def _columns(batch: Sequence[Mapping[str, Any]], *names: str) -> dict[str, list[Any]]:
+    """One array per column, for a statement that ``unnest``s a batch of rows."""
+    return {name: [params[name] for params in batch] for name in names}
 
 
 def _q(name: str) -> LiteralString:
@@ -216,6 +244,13 @@ class PostgresStorage:
         self._pool: psycopg_pool.AsyncConnectionPool[PooledConnection] | None = None
         self._closed = False
         self._listeners: set[AsyncConnection[Any]] = set()
+        # Concurrent checkpoints and run completions share statements and commits.
+        self._step_writes = Coalescer(
+            self._save_steps, key=_by_id, max_batch=_BATCH_MAX, lanes=_BATCH_LANES
+        )
+        self._run_endings = Coalescer(
+            self._end_runs, key=_by_id, max_batch=_BATCH_MAX, lanes=_BATCH_LANES
+        )
 
     def __repr__(self) -> str:
         return f"PostgresStorage(schema={self.schema!r})"
@@ -396,6 +431,9 @@ class PostgresStorage:
         if self._closed:
             return
         self._closed = True
+        # Writes already sent finish (and answer their callers) before the pool closes.
+        await self._step_writes.idle()
+        await self._run_endings.idle()
         for conn in list(self._listeners):
             await conn.close()  # ends that listen_for_work loop (it sees _closed)
         pool, self._pool = self._pool, None
@@ -694,16 +732,36 @@ class PostgresStorage:
             "error": dump_error(error),
             "now": self._now(),
         }
-        if status != RunStatus.PENDING:  # nothing to announce: one autocommit statement
-            return await self._write(
-                "update_claimed_run_status", _q("update_claimed_run_status"), params
-            )
+        if status != RunStatus.PENDING:  # nothing to announce: coalesced with others
+            return await self._run_endings.submit(params)
         async with self._connection("update_claimed_run_status", transaction=True) as conn:
             cur = await conn.execute(_q("update_claimed_run_status"), params)
             if cur.rowcount == 0:
                 return False
             await self._notify(conn)
             return True
+
+    async def _end_runs(self, batch: Sequence[Mapping[str, Any]]) -> list[bool | BaseException]:
+        """update_claimed_run_status for a batch of concurrent callers (not 'pending')."""
+        operation = "update_claimed_run_status"
+        if len(batch) == 1:
+            return await self._one_by_one(
+                batch, lambda params: self._write(operation, _q(operation), params)
+            )
+        params: dict[str, Any] = {
+            **_columns(batch, "id", "lease_id", "status", "output", "error"),
+            "now": self._now(),
+        }
+        try:
+            rows, _ = await self._once_more(
+                operation, _q("update_claimed_run_statuses"), params, idempotent=False
+            )
+        except StorageError as exc:
+            return await self._after_batch_error(
+                exc, batch, lambda params: self._write(operation, _q(operation), params)
+            )
+        written = {row["id"] for row in rows}
+        return [params["id"] in written for params in batch]
 
     async def requeue_run(self, run_id: str) -> bool:
         """A failed or cancelled run back to pending, dropping only its failed steps."""
@@ -738,25 +796,11 @@ class PostgresStorage:
             "wake_at": result.wake_at,
             "lease_id": lease_id,
         }
-        # One prepared autocommit statement on the fast path. Not retried on a lost
-        # connection: the engine retries step writes, asking whether the first landed.
-        for attempt in range(_RACE_RETRIES + 1):
-            try:
-                if await self._write("save_step_result", _q("save_step_result"), params):
-                    return True
-                break
-            except StorageError as exc:
-                # ON CONFLICT (id) arbitrates only the primary key: a writer racing an
-                # insert of the same new row can hit the (run_id, name) index instead.
-                # Once the other insert has committed, the same statement takes the
-                # conflict path; a real clash fails every time.
-                cause = exc.__cause__
-                if (
-                    not isinstance(cause, psycopg.errors.UniqueViolation)
-                    or cause.diag.constraint_name != "steps_run_id_name_key"
-                    or attempt == _RACE_RETRIES
-                ):
-                    raise
+        # Coalesced with the checkpoints other runs save at the same moment: one prepared
+        # autocommit statement for all. Not retried on a lost connection: the engine
+        # retries step writes, asking whether the first landed.
+        if await self._step_writes.submit(params):
+            return True
         # Nothing written: lease not held, a final row kept, or the id is another step's.
         owner = await self._fetch_one(
             "save_step_result", _q("get_step_owner"), params, idempotent=True
@@ -769,6 +813,80 @@ class PostgresStorage:
                 f"step {result.name!r}",
             )
         return False
+
+    async def _save_steps(self, batch: Sequence[Mapping[str, Any]]) -> list[bool | BaseException]:
+        """save_step_result's write for a batch of concurrent callers."""
+        if len(batch) == 1:
+            return await self._one_by_one(batch, self._save_step)
+        params = _columns(batch, *batch[0])
+        try:
+            rows, _ = await self._once_more(
+                "save_step_result", _q("save_step_results"), params, idempotent=False
+            )
+        except StorageError as exc:
+            return await self._after_batch_error(exc, batch, self._save_step)
+        written = {row["id"] for row in rows}
+        return [params["id"] in written for params in batch]
+
+    async def _save_step(self, params: Mapping[str, Any]) -> bool:
+        """One step's write alone; ``True`` if it was written."""
+        for attempt in range(_RACE_RETRIES + 1):
+            try:
+                return await self._write("save_step_result", _q("save_step_result"), params)
+            except StorageError as exc:
+                # ON CONFLICT (id) arbitrates only the primary key: a writer racing an
+                # insert of the same new row can hit the (run_id, name) index instead.
+                # Once the other insert has committed, the same statement takes the
+                # conflict path; a real clash fails every time.
+                cause = exc.__cause__
+                if (
+                    not isinstance(cause, psycopg.errors.UniqueViolation)
+                    or cause.diag.constraint_name != "steps_run_id_name_key"
+                    or attempt == _RACE_RETRIES
+                ):
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    async def _one_by_one(
+        batch: Sequence[Mapping[str, Any]],
+        write: Callable[[Mapping[str, Any]], Awaitable[bool]],
+    ) -> list[bool | BaseException]:
+        """Each write of ``batch`` alone, each with its own answer or error."""
+        outcomes: list[bool | BaseException] = []
+        for params in batch:
+            try:
+                outcomes.append(await write(params))
+            except StorageError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    async def _after_batch_error(
+        self,
+        exc: StorageError,
+        batch: Sequence[Mapping[str, Any]],
+        write: Callable[[Mapping[str, Any]], Awaitable[bool]],
+    ) -> list[bool | BaseException]:
+        """The outcomes of a batch whose statement failed.
+
+        A lost connection may have committed the batch: every caller is told so, and the
+        engine asks whether its write landed (as for a single write). Any other failure
+        rolled the whole statement back, so each write is sent again alone, for its own
+        answer: one row's error (an insert race, a deadlock, a bad value) is not its
+        neighbours'.
+        """
+        cause = exc.__cause__
+        if cause is None:  # the adapter closed under the batch
+            return [self._unavailable(exc.operation) for _ in batch]
+        if _connection_lost(cause) or isinstance(cause, POOL_ERRORS):
+            # One error each: an exception object is not shared between tasks.
+            fresh: list[bool | BaseException] = []
+            for _ in batch:
+                error = _storage_error(exc.operation, cause)
+                error.__cause__ = cause
+                fresh.append(error)
+            return fresh
+        return await self._one_by_one(batch, write)
 
     async def get_step_results(self, run_id: str) -> list[StepResult]:
         """The run's steps by ``(created_at, id)``."""
