@@ -241,6 +241,62 @@ async def _racing_write_once(h: Harness, racers: Racers, round_: int) -> None:
     expect([r.output for r in rows], [f"racer-{winners[0]}"], "the checkpoint is the winner's")
 
 
+_MIXED_ORDERS = (
+    ("held save", "stranger save", "late save", "stranger end", "held end", "end stranger"),
+    ("stranger save", "held save", "late save", "held end", "stranger end", "end stranger"),
+)
+"""The two orders racers make their writes in (even racers the first, odd the second).
+Racers move in step, so a batching adapter groups each racer's n-th write with the
+others' n-th: the orders make the n-th saves and the n-th endings differ in answer."""
+_MIXED_ANSWERS = {
+    "held save": True,  # a checkpoint under the run's own lease
+    "stranger save": False,  # a checkpoint for a run held by another lease
+    "late save": False,  # the same final checkpoint again: written once
+    "stranger end": False,  # ending the run under another run's lease
+    "held end": True,  # ending it under its own
+    "end stranger": False,  # ending a run this lease does not hold
+}
+
+
+async def _racing_mixed_writes(h: Harness, racers: Racers, round_: int) -> None:
+    # Racers make the same six writes at once, on runs of their own: an adapter that
+    # batches concurrent writes (one statement for many callers) must still give each
+    # caller its own write's answer, never its batch's.
+    wf = _wf(round_)
+    mine = [await h.created_and_claimed(wf, index) for index in range(RACERS)]
+    other = [await h.created_and_claimed(wf, -index) for index in range(RACERS)]
+
+    async def write(storage: StorageAdapter, index: int) -> list[tuple[str, bool]]:
+        held, stranger = mine[index], other[index]
+        run_id, lease = held.run.id, held.lease_id
+        end = storage.update_claimed_run_status
+        save = storage.save_step_result
+        calls = {
+            "held save": lambda: save(h.step(run_id, "s", output=f"first-{index}"), lease),
+            "stranger save": lambda: save(h.step(stranger.run.id, "s"), lease),
+            "late save": lambda: save(h.step(run_id, "s", output=f"late-{index}"), lease),
+            "stranger end": lambda: end(run_id, stranger.lease_id, RunStatus.FAILED),
+            "held end": lambda: end(run_id, lease, RunStatus.COMPLETED, output=f"done-{index}"),
+            "end stranger": lambda: end(stranger.run.id, lease, RunStatus.FAILED),
+        }
+        return [(name, await calls[name]()) for name in _MIXED_ORDERS[index % 2]]
+
+    answers = await racers.race(write)
+    expect(
+        answers,
+        [[(name, _MIXED_ANSWERS[name]) for name in _MIXED_ORDERS[i % 2]] for i in range(RACERS)],
+        "each racer's (write, answer) in the order it made them",
+    )
+    for index in range(RACERS):
+        run, stranger = mine[index].run.id, other[index].run.id
+        rows = [(r.name, r.output) for r in await h.storage.get_step_results(run)]
+        expect(rows, [("s", f"first-{index}")], f"racer {index}'s checkpoint")
+        expect(await h.storage.get_step_results(stranger), [], "steps of the runs not held")
+        ended = await h.get(run)
+        expect((ended.status, ended.output), (RunStatus.COMPLETED, f"done-{index}"), "held run")
+        expect((await h.get(stranger)).status, RunStatus.RUNNING, "the run not held")
+
+
 SCENARIOS = {
     "claim": (
         "Racing claim_next_run over the same runs: each claimed once, none lost.",
@@ -273,6 +329,11 @@ SCENARIOS = {
     "event_key": (
         "Racing deliver_event with one key: every racer is told True, one event is stored.",
         _racing_event_key,
+    ),
+    "mixed_writes": (
+        "Concurrent checkpoints and run endings, held and not, on runs of each racer's "
+        "own: every caller gets its own write's answer (a batching adapter included).",
+        _racing_mixed_writes,
     ),
     "write_once": (
         "Racing saves of one final checkpoint (with and without the lease): exactly one "

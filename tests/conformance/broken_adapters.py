@@ -201,6 +201,34 @@ class LeaseIgnoredOnSave(MemoryStorage):
         return await super().save_step_result(result, None)
 
 
+class EndingsAnsweredByBatch(MemoryStorage):
+    """Concurrent update_claimed_run_status calls are coalesced, and each caller is told
+    its batch's answer (True if any row of it was written): a batching adapter that reads
+    the statement's row count instead of which rows it wrote."""
+
+    _batch: list[bool] | None = None
+
+    async def update_claimed_run_status(
+        self,
+        run_id: str,
+        lease_id: str,
+        status: RunStatus,
+        *,
+        output: Any = None,
+        error: ErrorInfo | None = None,
+    ) -> bool:
+        ok = await super().update_claimed_run_status(
+            run_id, lease_id, status, output=output, error=error
+        )
+        if self._batch is None:  # the first caller of this loop turn opens the batch
+            self._batch = []
+            asyncio.get_running_loop().call_soon(setattr, self, "_batch", None)
+        batch = self._batch
+        batch.append(ok)
+        await asyncio.sleep(0)  # the batch's statement: the turn's other callers join it
+        return any(batch)
+
+
 class HeartbeatTrueAfterTakeover(MemoryStorage):
     """heartbeat_run answers "is the run running?" instead of "is my lease held?"."""
 
@@ -790,6 +818,12 @@ BROKEN: list[Broken] = [
         "save_step_result with a lease: the check and the write are atomic",
         "concurrency.*_coroutines,steps,leases",
         "concurrency.fenced_save_coroutines",
+    ),
+    _b(
+        EndingsAnsweredByBatch,
+        "update_claimed_run_status answers for its own run: True only if it was written",
+        "concurrency.*_coroutines",
+        "concurrency.mixed_writes_coroutines",
     ),
     _b(
         NonAtomicConditionalCancel,
