@@ -529,8 +529,10 @@ def decode(data: bytes | str | memoryview) -> Any:
             )
         except ValueError:
             raise exc from None
-    marker = '"$' if isinstance(data, str) else b'"$'
-    if marker in data:  # type: ignore[operator]
+    # find, not ``in``: ``marker in data`` on bytes first tries the marker as an int
+    # (``65 in b"A"``), raising and discarding a TypeError on every call.
+    tagged = data.find('"$') if isinstance(data, str) else data.find(b'"$')
+    if tagged >= 0:
         return _untag(value)
     return value
 

@@ -10,10 +10,11 @@ wake-up or the poll interval, whichever comes first. Push sources only set the e
 
 Leases (see :mod:`reflow_core.lease`): every claim asks the store for this engine's
 lease length and names this engine as the holder. Each held run has a fence timer on
-the loop's monotonic clock, pushed forward only by renewals the store confirmed; when
-it fires the run is aborted without waiting for storage. Heartbeats run on one loop
-for all held runs, but each call is its own task with its own timeout, so one slow or
-hung call never delays another run's renewal. A heartbeat answered ``False`` means the
+the loop's monotonic clock (one timer for the runs claimed together, which share their
+deadline), pushed forward only by renewals the store confirmed; when it fires the run
+is aborted without waiting for storage. Heartbeats run on one loop for all held runs,
+but each call is its own task with its own timeout, so one slow or hung call never
+delays another run's renewal. A heartbeat answered ``False`` means the
 lease is gone (reclaimed, or the run was cancelled): the run is aborted at once.
 """
 
@@ -30,6 +31,7 @@ from reflow_core.errors import (
     StorageError,
 )
 from reflow_core.execution import ActiveRun
+from reflow_core.execution.active import FenceTimers
 from reflow_core.lease import LeaseOptions
 from reflow_core.observers import Observers
 from reflow_core.storage import Clock, StorageAdapter
@@ -100,6 +102,7 @@ class Dispatcher:
         self.observers = observers
         self._execute = execute
         self.active: dict[str, ActiveRun] = {}
+        self._fences = FenceTimers()
         self.wake = asyncio.Event()
         self._slots = _Slots(concurrency)
         self._wakeups: list[int] = []
@@ -187,6 +190,7 @@ class Dispatcher:
             lease_id=claimed.lease_id,
             attempt=run.attempt,
             deadline=sent + self._fence_after,
+            fences=self._fences,
         )
         active.arm()
         self.active[active.run_id] = active
@@ -196,11 +200,13 @@ class Dispatcher:
             self._suspects += 1
             self._claims_open.clear()
         else:
+            if self._others == 0:  # set exactly while none runs: clear it once, not per run
+                self._others_done.clear()
             self._others += 1
-            self._others_done.clear()
         # Unnamed: a name per run costs a string and a call, and the run's id is in
-        # every log record and event about it anyway.
-        task = asyncio.create_task(self._run(claimed, active, previous))
+        # every log record and event about it anyway. The loop's own create_task (what
+        # asyncio.create_task calls) saves a frame per run.
+        task = asyncio.get_running_loop().create_task(self._run(claimed, active, previous))
         active.task = task
         self._tasks.add(task)
         return task

@@ -28,7 +28,7 @@ import asyncio
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -349,7 +349,9 @@ class Engine:
 
     # -- execution ------------------------------------------------------------
 
-    async def _execute(self, claimed: ClaimedRun, active: ActiveRun) -> None:
+    def _execute(self, claimed: ClaimedRun, active: ActiveRun) -> Awaitable[None]:
+        # A plain function handing back the execution's coroutine: no frame of its own
+        # stays on every run's stack.
         if self._runtime is None:
             dispatcher = self._get_dispatcher()
             assert self._threads is not None
@@ -364,7 +366,7 @@ class Engine:
             )
         runtime = self._runtime
         workflow = self.workflow(claimed.run.workflow)
-        await RunExecution(runtime, claimed, workflow, active).execute()
+        return RunExecution(runtime, claimed, workflow, active).execute()
 
     def _run_finished(self, run_id: str) -> None:
         event = self._finished.pop(run_id, None)

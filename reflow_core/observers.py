@@ -69,6 +69,7 @@ _HOOK_NAMES: dict[type[Any], str] = {
     LeaseLost: "reflow_lease_lost",
     RunInterrupted: "reflow_run_interrupted",
 }
+_ALL_KINDS: frozenset[type[Any]] = frozenset(_HOOK_NAMES)
 
 
 class EventStream:
@@ -204,6 +205,10 @@ class Observers:
         self._streams: list[weakref.ref[EventStream]] = []
         self._hooked = False
         self._kinds: frozenset[type[Any]] = frozenset()
+        self.wanted: frozenset[type[Any]] = frozenset()
+        """The event kinds some hook or stream takes now: build an event only if its kind
+        is here. Kept current by every change of hooks or streams, so the hot path reads
+        it with no call (a hook for only ``reflow_run_completed`` costs nothing per step)."""
         self._stopped = False
         self.refresh()
 
@@ -222,6 +227,11 @@ class Observers:
         # Read several times per step on the hot path, so computed only on change.
         self._hooked = any(n != "reflow_error" for n in table)
         self._kinds = frozenset(kind for kind, name in _HOOK_NAMES.items() if name in table)
+        self._streams_changed()
+
+    def _streams_changed(self) -> None:
+        # A stream takes every kind of event.
+        self.wanted = _ALL_KINDS if self._streams else self._kinds
 
     @property
     def listening(self) -> bool:
@@ -230,8 +240,8 @@ class Observers:
 
     def wants(self, kind: type[EngineEvent]) -> bool:
         """Whether an event of ``kind`` would reach any hook or stream (else skip building
-        it): a hook for only ``reflow_run_completed`` costs nothing per step."""
-        return kind in self._kinds or bool(self._streams)
+        it): ``kind in`` :attr:`wanted`."""
+        return kind in self.wanted
 
     @property
     def streams(self) -> list[EventStream]:
@@ -248,6 +258,7 @@ class Observers:
             stream.end()
         else:
             self._streams = [*self._streams, weakref.ref(stream)]
+            self._streams_changed()
         return stream
 
     def unsubscribe(self, stream: EventStream) -> None:
@@ -255,15 +266,18 @@ class Observers:
         self._streams = [
             ref for ref in self._streams if (live := ref()) is not None and live is not stream
         ]
+        self._streams_changed()
 
     def _prune(self) -> None:
         if any(ref() is None for ref in self._streams):
             self._streams = [ref for ref in self._streams if ref() is not None]
+            self._streams_changed()
 
     def close_streams(self) -> None:
         """End every stream (the engine stopped); later subscribers get an ended one."""
         self._stopped = True
         streams, self._streams = self._streams, []
+        self._streams_changed()
         for ref in streams:
             stream = ref()
             if stream is not None:
@@ -273,7 +287,9 @@ class Observers:
         """Call every hook for ``event``, then offer it to every stream (never waits)."""
         name = _HOOK_NAMES[type(event)]
         for func in self._table.get(name, ()):
-            await self._call(func, event, f"{name} hook")
+            pending = self._call(func, event, name)
+            if pending is not None:
+                await pending
         stale = False
         for ref in self._streams:
             stream = ref()
@@ -296,18 +312,35 @@ class Observers:
                 raise TimeoutError(f"no result within {limit:g}s; cancelled") from None
             raise
 
-    async def _call(self, func: Callable[..., Any], event: Any, where: str) -> None:
+    def _call(self, func: Callable[..., Any], event: Any, name: str) -> Awaitable[None] | None:
+        """Call hook ``func`` (an implementation of hook ``name``) with ``event``; return
+        what is left to await (an async hook's result, or the report of an error), or
+        ``None`` when the call is over: a sync hook costs no coroutine."""
         try:
             result = func(event)
-            # A sync hook returns None: skip isawaitable's ABC check for it.
-            if result is not None and inspect.isawaitable(result):
-                await self._settle(result)
         except BaseException as exc:
-            # A hook that calls sys.exit() or raises its own BaseException must not end
-            # the run's task (or the worker); only the engine's cancellation passes.
-            if _cancelled_from_outside(exc):
-                raise
-            await self.error(HookError(where, exc))
+            return self._failed(exc, name)
+        # A sync hook returns None: skip isawaitable's ABC check for it.
+        if result is not None and inspect.isawaitable(result):
+            return self._awaited(result, name)
+        return None
+
+    async def _awaited(self, result: Awaitable[Any], name: str) -> None:
+        """Finish an async hook's call: await its result within the time limit."""
+        try:
+            await self._settle(result)
+        except BaseException as exc:
+            await self._failed(exc, name)
+
+    def _failed(self, exc: BaseException, name: str) -> Awaitable[None]:
+        """Report a hook's error; re-raise the engine's own cancellation instead.
+
+        A hook that calls sys.exit() or raises its own BaseException must not end the
+        run's task (or the worker); only the engine's cancellation passes.
+        """
+        if _cancelled_from_outside(exc):
+            raise exc
+        return self.error(HookError(f"{name} hook", exc))
 
     async def error(self, error: BaseException) -> None:
         """Report an error that is no run's outcome; never raises."""

@@ -156,11 +156,7 @@ class ClaimIndex:
             self._suspended.add(row.id)
             heapq.heappush(self._wakes, (row.wake_at, row.id))
             if len(self._wakes) > 2 * len(self._suspended) + 64:
-                runs = self._runs
-                self._wakes = [
-                    (at, i) for i in self._suspended if (at := runs[i].wake_at) is not None
-                ]
-                heapq.heapify(self._wakes)
+                self._rebuild_wakes()
 
     def renew(self, row: RunRow) -> None:
         """Note a running row's new ``lease_expires_at`` (a claim or a heartbeat)."""
@@ -169,11 +165,22 @@ class ClaimIndex:
         heapq.heappush(self._leases, (row.lease_expires_at, row.id))
         # Every claim and heartbeat pushes, so superseded entries pile up; rebuild.
         if len(self._leases) > 2 * len(self._running) + 64:
-            runs = self._runs
-            self._leases = [
-                (at, i) for i in self._running if (at := runs[i].lease_expires_at) is not None
-            ]
-            heapq.heapify(self._leases)
+            self._rebuild_leases()
+
+    # The rebuilds are methods of their own: their comprehensions would otherwise make
+    # file() and renew(), called on every claim and completion, build closure cells.
+
+    def _rebuild_wakes(self) -> None:
+        runs = self._runs
+        self._wakes = [(at, i) for i in self._suspended if (at := runs[i].wake_at) is not None]
+        heapq.heapify(self._wakes)
+
+    def _rebuild_leases(self) -> None:
+        runs = self._runs
+        self._leases = [
+            (at, i) for i in self._running if (at := runs[i].lease_expires_at) is not None
+        ]
+        heapq.heapify(self._leases)
 
     def _queue(self, row: RunRow) -> None:
         if not row.queued:

@@ -401,25 +401,27 @@ class MemoryStorage:
         # A stored run's id was checked when it was created, and a stored row's id and
         # name when it was first written (_check_run_id's shortcut); _check is inlined:
         # this is every step's checkpoint.
-        row = self._runs.get(result.run_id)
+        run_id = result.run_id
+        row = self._runs.get(run_id)
         if row is None:
             check_step(result)
-        elif (owner := self._steps.owner(result.id)) is None or owner != (
-            result.run_id,
-            result.name,
-        ):
-            check_identifier(result.id, "step id", MAX_STEP_ID_LENGTH)
+        elif (owner := self._steps.owner(result.id)) is None or owner != (run_id, result.name):
             name = result.name
             # A str's validity never changes: check each name once (a str subclass could
             # compare equal to a valid name and still be refused, so it is always checked).
-            if name.__class__ is not str or name not in self._step_names:
+            known = name.__class__ is str and name in self._step_names
+            # The engine's id, ``<run id>/<name>`` of this stored run's id and a known
+            # name, is valid as its parts are: no scan of it character by character.
+            if not (known and run_id.__class__ is str and result.id == f"{run_id}/{name}"):
+                check_identifier(result.id, "step id", MAX_STEP_ID_LENGTH)
+            if not known:
                 check_identifier(name, "step name")
                 if name.__class__ is str and len(self._step_names) < _MAX_KNOWN_NAMES:
                     self._step_names.add(name)
         if self._closed:
             self._check("save_step_result")
         output = None if result.output is None else codec.encode(result.output)
-        if lease_id is not None and self._held(result.run_id, lease_id) is None:
+        if lease_id is not None and self._held(run_id, lease_id) is None:
             return False
         # May raise on an identity clash; False when a final row stands (write-once).
         return self._steps.upsert(result, output, "save_step_result")

@@ -6,8 +6,10 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from reflow_core.context import CancelSignal
 from reflow_core.errors import ControlFlow, LeaseExpiredError, RunCancelledError
@@ -15,19 +17,26 @@ from reflow_core.lease import LeaseOptions
 from reflow_core.observers import Observers
 from reflow_core.storage import Clock, StorageAdapter
 
-__all__ = ["FENCED", "ActiveRun", "Runtime"]
+__all__ = ["FENCED", "ActiveRun", "FenceTimers", "Runtime"]
 
 FENCED = "no heartbeat was confirmed within the lease; stopped before it could expire"
 """Why a run whose lease fence passed was stopped."""
 
 
-@dataclass(slots=True, eq=False)
-class ActiveRun:
+def _running_loop_time() -> float:
+    """The running loop's time: the fence clock of a run not armed yet."""
+    return asyncio.get_running_loop().time()
+
+
+class ActiveRun(msgspec.Struct, eq=False):
     """A run held by this engine: its lease, its fence, its task, and how to stop it.
 
     ``deadline`` is on the event loop's monotonic clock: past it the lease is not
     trusted, whatever storage would say, and the run is aborted by a timer without
     waiting for any answer from storage (see :mod:`reflow_core.lease`).
+
+    A Struct (compared and hashed by identity, like the dataclass it was): one is built
+    for every claim, and a Struct is built in C, a dataclass by a Python ``__init__``.
     """
 
     run_id: str
@@ -39,28 +48,30 @@ class ActiveRun:
     deadline: float
     task: asyncio.Task[None] | None = None
     abort_reason: ControlFlow | None = None
-    signals: set[CancelSignal] = field(default_factory=set)
+    signals: set[CancelSignal] = msgspec.field(default_factory=set)
     thread: asyncio.Future[Any] | None = None
     """A ``def`` step's thread while it runs: it cannot be interrupted, so the lease is
     kept (and heartbeated) until it returns, even when the engine stops."""
     beat: asyncio.Task[None] | None = None
     """The heartbeat call in flight, if any (never more than one per run)."""
-    _fence: asyncio.TimerHandle | None = None
-    _loop: asyncio.AbstractEventLoop | None = None
-    clock: Callable[[], float] | None = None
-    """The loop's clock (set by :meth:`arm`), read before every write: see :meth:`fenced`."""
+    fences: FenceTimers | None = None
+    """The timers this run's fence joins (the dispatcher's, shared by all its runs); a
+    run given none gets timers of its own at :meth:`arm`."""
+    _fenced_at: float | None = None
+    """The deadline this run's fence is armed at (``None``: not armed)."""
+    clock: Callable[[], float] = _running_loop_time
+    """The loop's clock, read before every write (see :meth:`fenced`): the running
+    loop's ``time`` until :meth:`arm` keeps the loop's own clock function here."""
 
     def arm(self) -> None:
         """Start the fence timer (on the running loop) at :attr:`deadline`."""
-        if self._fence is not None:
-            self._fence.cancel()
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-            # asyncio's own loops tell time by time.monotonic: call it without the method.
-            plain = type(loop).time is asyncio.BaseEventLoop.time
-            self.clock = time.monotonic if plain else loop.time
-        self._fence = loop.call_at(self.deadline, self._fence_expired)
+        fences = self.fences
+        if fences is None:
+            fences = self.fences = FenceTimers()
+        if self._fenced_at is not None:
+            fences.leave(self, self._fenced_at)
+        self.clock = fences.join(self, self.deadline)
+        self._fenced_at = self.deadline
 
     def renewed(self, sent_at: float, fence_after: float) -> None:
         """The store confirmed a renewal sent at ``sent_at`` (loop time): move the fence."""
@@ -85,20 +96,18 @@ class ActiveRun:
     def fenced(self) -> bool:
         """True once the local deadline passed: write nothing more for this run."""
         # Read on every write: the clock is kept from arm() rather than looked up each time.
-        clock = self.clock
-        if clock is None:
-            return asyncio.get_running_loop().time() >= self.deadline
-        return clock() >= self.deadline
+        return self.clock() >= self.deadline
 
-    def _fence_expired(self) -> None:
-        self._fence = None
+    def fence_expired(self) -> None:
+        """The fence timer fired: abort the run (called by :class:`FenceTimers`)."""
+        self._fenced_at = None
         self.abort(LeaseExpiredError(self.run_id, FENCED))
 
     def disarm(self) -> None:
         """Stop the fence timer (the run's execution has ended)."""
-        if self._fence is not None:
-            self._fence.cancel()
-            self._fence = None
+        if self._fenced_at is not None and self.fences is not None:
+            self.fences.leave(self, self._fenced_at)
+            self._fenced_at = None
 
     def abort(self, reason: ControlFlow) -> None:
         """Stop executing the run for ``reason``: signal steps and cancel the run's task.
@@ -126,6 +135,58 @@ class ActiveRun:
         thread = self.thread
         if thread is not None and not thread.done():
             await asyncio.wait([thread])
+
+
+class FenceTimers:
+    """The fence timers of the runs one dispatcher holds: one loop timer per deadline,
+    shared by every run fenced at it.
+
+    Runs claimed in one batch share their deadline (it counts from the moment the batch
+    was sent), so they share one timer: a loop timer costs a heap push, a cancel and a
+    later heap pop, a measurable part of a short run. The timer is cancelled once its
+    last run leaves; when it fires, it aborts every run still fenced at it.
+    """
+
+    __slots__ = ("_groups", "_loop", "clock")
+
+    def __init__(self) -> None:
+        self._groups: dict[float, tuple[asyncio.TimerHandle, dict[ActiveRun, None]]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.clock: Callable[[], float] = time.monotonic
+        """The loop's clock (known once the first run joined)."""
+
+    def join(self, run: ActiveRun, deadline: float) -> Callable[[], float]:
+        """Fence ``run`` at ``deadline`` (loop time); return the loop's clock."""
+        group = self._groups.get(deadline)
+        if group is not None:
+            group[1][run] = None
+            return self.clock
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # the first timer, or the engine runs on another loop now
+            self._loop = loop
+            # asyncio's own loops tell time by time.monotonic: call it without the method.
+            plain = type(loop).time is asyncio.BaseEventLoop.time
+            self.clock = time.monotonic if plain else loop.time
+        timer = loop.call_at(deadline, self._expired, deadline)
+        self._groups[deadline] = (timer, {run: None})
+        return self.clock
+
+    def leave(self, run: ActiveRun, deadline: float) -> None:
+        """Unfence ``run`` from ``deadline``; the timer goes when no run is left on it."""
+        group = self._groups.get(deadline)
+        if group is None:
+            return
+        members = group[1]
+        members.pop(run, None)
+        if not members:
+            group[0].cancel()
+            del self._groups[deadline]
+
+    def _expired(self, deadline: float) -> None:
+        group = self._groups.pop(deadline, None)
+        if group is not None:
+            for run in list(group[1]):
+                run.fence_expired()
 
 
 @dataclass(slots=True)

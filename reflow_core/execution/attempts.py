@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from reflow_core.context import CancelSignal, EarlyCompletion, StepContext
 from reflow_core.errors import ControlFlow, StepInterruptedError, StepTimeoutError
 from reflow_core.events import RetryScheduled
@@ -28,10 +30,13 @@ lease: the step's row stores the attempt count and when the next attempt is due,
 sleeps in storage, and whichever worker claims it when due makes the next attempt."""
 
 
-@dataclass(slots=True)
-class AttemptResult:
+class AttemptResult(msgspec.Struct):
     """How a step's attempts ended: a value, an early completion, an error, or a retry
-    scheduled for later (``retry_at``, the store's clock, which read ``now``)."""
+    scheduled for later (``retry_at``, the store's clock, which read ``now``).
+
+    A Struct, not a dataclass: one is made for every step, and a Struct is built in C
+    (a dataclass's ``__init__`` is a Python call).
+    """
 
     attempts: int
     value: Any = None
@@ -204,7 +209,7 @@ async def _retry_scheduled(
         info.message,
         delay,
     )
-    if ex.listens(RetryScheduled):
+    if RetryScheduled in ex.observers.wanted:
         await ex.emit(
             RetryScheduled,
             step=unit.name,

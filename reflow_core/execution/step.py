@@ -18,12 +18,23 @@ from reflow_core.errors import (
 )
 from reflow_core.events import StepCompleted, StepFailed, StepSkipped, StepStarted
 from reflow_core.execution.attempts import run_attempts
-from reflow_core.execution.run import Outcome, RunExecution, describe_error, executor
+from reflow_core.execution.run import (
+    ADVANCE,
+    COMPLETE,
+    Outcome,
+    RunExecution,
+    describe_error,
+    executor,
+)
 from reflow_core.execution.sleep import suspend_until
 from reflow_core.types import ErrorInfo, StepStatus
 from reflow_core.workflow import StepUnit
 
 __all__ = ["run_step", "run_step_unit", "step_failed"]
+
+# Read on every step: module constants, not EnumType's __getattr__ hook (see run.py).
+_COMPLETED = StepStatus.COMPLETED
+_COMPLETED_EARLY = StepStatus.COMPLETED_EARLY
 
 
 def replay(ex: RunExecution, unit: StepUnit) -> Outcome | None:
@@ -82,7 +93,7 @@ async def step_failed(
         info.type,
         info.message,
     )
-    if ex.listens(StepFailed):
+    if StepFailed in ex.observers.wanted:
         duration = None if started is None else time.monotonic() - started
         await ex.emit(StepFailed, step=step, error=info, attempts=attempts, duration=duration)
 
@@ -102,7 +113,7 @@ async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = Tr
             return Outcome.FAIL
         if not runs:
             await ex.save(unit.name, StepStatus.SKIPPED)
-            if ex.listens(StepSkipped):
+            if StepSkipped in ex.observers.wanted:
                 await ex.emit(StepSkipped, step=unit.name)
             return Outcome.PASS
         # Stored both ways, before the step runs.
@@ -115,7 +126,7 @@ async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = Tr
     # For the durations of events. Read whether or not anyone listens yet: the clock is
     # cheaper than asking, and an observer subscribed meanwhile still gets a duration.
     started: float | None = time.monotonic()
-    if announce and ex.listens(StepStarted):
+    if announce and StepStarted in ex.observers.wanted:
         first = row.attempts + 1 if row is not None and row.status is StepStatus.RUNNING else 1
         await ex.emit(StepStarted, step=unit.name, attempt=first)
     result = await run_attempts(ex, unit)
@@ -134,10 +145,10 @@ async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = Tr
         ex.failure = info
         await step_failed(ex, unit.name, info, result.attempts, started)
         return Outcome.FAIL
-    status = StepStatus.COMPLETED_EARLY if result.early else StepStatus.COMPLETED
+    status = _COMPLETED_EARLY if result.early else _COMPLETED
     await ex.save(unit.name, status, output=plain, attempts=result.attempts, encoded=encoded)
     ex.record(unit.name, plain, unit.output_type, encoded)
-    if ex.listens(StepCompleted):
+    if StepCompleted in ex.observers.wanted:
         await ex.emit(
             StepCompleted,
             step=unit.name,
@@ -145,7 +156,7 @@ async def run_step_unit(ex: RunExecution, unit: StepUnit, *, announce: bool = Tr
             attempts=result.attempts,
             duration=None if started is None else time.monotonic() - started,
         )
-    return Outcome.COMPLETE if result.early else Outcome.ADVANCE
+    return COMPLETE if result.early else ADVANCE
 
 
 @executor(StepUnit)
