@@ -147,6 +147,16 @@ def measure(dsn: str, processes: int, args: argparse.Namespace) -> tuple[float, 
         drop_schema(dsn, schema)
 
 
+def _default_pool_size() -> int:
+    """The adapter's own default, read from its signature (so this line never drifts)."""
+    import inspect
+
+    from reflow_adapters.postgres import PostgresStorage
+
+    size: int = inspect.signature(PostgresStorage).parameters["max_size"].default
+    return size
+
+
 def main(args: argparse.Namespace) -> None:
     print_header("Reflow on PostgreSQL: throughput against worker processes", postgres=True)
     dsn = postgres_dsn()
@@ -158,8 +168,9 @@ def main(args: argparse.Namespace) -> None:
     counts = [int(n) for n in args.processes.split(",")]
     print(
         f"runs={args.runs} of {args.steps} steps per measurement, fresh schema each, "
-        f"Engine(concurrency={args.concurrency}) per process, default pool (max 10 "
-        f"connections per process); completion observed every {args.observe_ms} ms; "
+        f"Engine(concurrency={args.concurrency}) per process, default pool (max "
+        f"{_default_pool_size()} connections per process); completion observed every "
+        f"{args.observe_ms} ms; "
         f"{os.cpu_count()} cores shared with the PostgreSQL server\n"
     )
     print(
