@@ -36,7 +36,8 @@ class Coalescer(Generic[T, R]):
 
     ``send`` returns one outcome per item, in order: the item's result, or the exception
     that item's caller is to raise (a fresh one per caller). If ``send`` itself raises,
-    every caller of that batch gets the exception.
+    every caller of that batch gets the exception. A batch cancelled by :meth:`idle`
+    gives each of its callers ``stopped()`` (cancelled callers, without it).
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class Coalescer(Generic[T, R]):
         key: Callable[[T], Hashable],
         max_batch: int,
         lanes: int,
+        stopped: Callable[[], BaseException] | None = None,
     ) -> None:
         if max_batch < 1 or lanes < 1:
             raise ValueError("max_batch and lanes must be at least 1")
@@ -53,6 +55,7 @@ class Coalescer(Generic[T, R]):
         self._key = key
         self._max_batch = max_batch
         self._lanes = lanes
+        self._stopped = stopped
         self._queue: deque[tuple[T, asyncio.Future[R]]] = deque()
         self._busy: set[asyncio.Task[None]] = set()
         self._out: set[Hashable] = set()
@@ -80,10 +83,23 @@ class Coalescer(Generic[T, R]):
             lane.add_done_callback(self._busy.discard)
         return await future
 
-    async def idle(self) -> None:
-        """Wait until no batch is in flight (``close()`` lets writes already sent finish)."""
+    async def idle(self, cancel_after: float | None = None) -> None:
+        """Wait until no batch is in flight (``close()`` lets writes already sent finish).
+
+        After ``cancel_after`` seconds the batches still out (a statement waiting on a lock
+        someone never releases) are cancelled, and their callers with them. If the
+        caller of ``idle`` is cancelled, the batches go on: ``asyncio.wait``, unlike
+        ``gather``, does not cancel what it waits for.
+        """
+        loop = asyncio.get_running_loop()
+        until = None if cancel_after is None else loop.time() + cancel_after
         while self._busy:
-            await asyncio.gather(*self._busy, return_exceptions=True)
+            left = None if until is None else max(0.0, until - loop.time())
+            _, late = await asyncio.wait(self._busy, timeout=left)
+            if late and until is not None and loop.time() >= until:
+                for lane in late:
+                    lane.cancel()
+                await asyncio.wait(late)
 
     async def _lane(self) -> None:
         try:
@@ -109,7 +125,12 @@ class Coalescer(Generic[T, R]):
             outcomes = await self._send([item for item, _ in batch])
         except asyncio.CancelledError:
             for _, future in batch:
-                future.cancel()
+                if future.done():
+                    continue
+                if self._stopped is None:
+                    future.cancel()
+                else:
+                    future.set_exception(self._stopped())
             raise
         except Exception as exc:  # a defect of send(): its callers are told
             outcomes = [exc] * len(batch)

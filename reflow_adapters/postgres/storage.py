@@ -195,6 +195,9 @@ class PostgresStorage:
 
     listen_timeout_s: float = 30.0
     """How long the listener waits for a notification before probing its connection."""
+    close_wait_s: float = 5.0
+    """How long :meth:`close` lets coalesced writes already sent finish before it cancels
+    them (one can wait on a row lock that is never released)."""
     reconnect_initial_s: float = 0.1
     reconnect_max_s: float = 10.0
     """Bounds of the listener's exponential reconnection backoff."""
@@ -246,10 +249,18 @@ class PostgresStorage:
         self._listeners: set[AsyncConnection[Any]] = set()
         # Concurrent checkpoints and run completions share statements and commits.
         self._step_writes = Coalescer(
-            self._save_steps, key=_by_id, max_batch=_BATCH_MAX, lanes=_BATCH_LANES
+            self._save_steps,
+            key=_by_id,
+            max_batch=_BATCH_MAX,
+            lanes=_BATCH_LANES,
+            stopped=lambda: self._unavailable("save_step_result"),
         )
         self._run_endings = Coalescer(
-            self._end_runs, key=_by_id, max_batch=_BATCH_MAX, lanes=_BATCH_LANES
+            self._end_runs,
+            key=_by_id,
+            max_batch=_BATCH_MAX,
+            lanes=_BATCH_LANES,
+            stopped=lambda: self._unavailable("update_claimed_run_status"),
         )
 
     def __repr__(self) -> str:
@@ -431,9 +442,10 @@ class PostgresStorage:
         if self._closed:
             return
         self._closed = True
-        # Writes already sent finish (and answer their callers) before the pool closes.
-        await self._step_writes.idle()
-        await self._run_endings.idle()
+        # Writes already sent finish (and answer their callers) before the pool closes;
+        # one stuck on a lock nobody releases is cancelled after close_wait_s.
+        await self._step_writes.idle(self.close_wait_s)
+        await self._run_endings.idle(self.close_wait_s)
         for conn in list(self._listeners):
             await conn.close()  # ends that listen_for_work loop (it sees _closed)
         pool, self._pool = self._pool, None

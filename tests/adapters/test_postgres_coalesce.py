@@ -240,3 +240,29 @@ def test_a_connection_lost_under_a_batch_fails_each_of_its_callers_once(pg_dsn: 
             await storage.close()
 
     asyncio.run(main())
+
+
+def test_close_cancels_a_batch_stuck_on_a_lock_and_its_callers_hear_why(pg_dsn: str) -> None:
+    async def main() -> None:
+        storage = PostgresStorage(pg_dsn, schema="reflow_co_close", drop_schema_on_close=False)
+        storage.close_wait_s = 0.2
+        await storage.initialize()
+        try:
+            leases = await claimed(storage)
+            async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
+                await locker.execute(
+                    "SELECT 1 FROM reflow_co_close.runs WHERE id = 'r00' FOR UPDATE"
+                )
+                save = storage.save_step_result(step("r00", "a"), leases["r00"])
+                stuck = asyncio.create_task(save)
+                await blocked_backend(pg_dsn, storage)
+                async with asyncio.timeout(10):  # without the bound, close() never returns
+                    await storage.close()
+                with pytest.raises(StorageError, match="closed"):
+                    await stuck
+                await locker.rollback()
+        finally:
+            await storage.close()
+            postgres_fixtures.drop_schema(pg_dsn, "reflow_co_close")
+
+    asyncio.run(main())

@@ -226,6 +226,55 @@ def test_idle_waits_for_the_batch_in_flight() -> None:
     asyncio.run(main())
 
 
+def test_cancelling_a_wait_for_idle_leaves_the_batch_in_flight_running() -> None:
+    async def main() -> None:
+        sender = Sender()
+        sender.gate.clear()
+        co = coalescer(sender)
+        call = asyncio.create_task(co.submit(("a", 1)))
+        await until(lambda: sender.in_flight == 1)
+        idle = asyncio.create_task(co.idle())
+        await asyncio.sleep(0)
+        idle.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await idle
+        sender.gate.set()
+        assert await call == 2  # the batch was not cancelled with the wait
+
+    asyncio.run(main())
+
+
+def test_idle_cancels_a_batch_that_outlasts_cancel_after() -> None:
+    async def main() -> None:
+        sender = Sender()
+        sender.gate.clear()  # never set: the batch would wait forever
+        co = coalescer(sender, lanes=2)
+        stuck = asyncio.create_task(co.submit(("a", 1)))
+        await until(lambda: sender.in_flight == 1)
+        await co.idle(cancel_after=0.05)
+        assert sender.in_flight == 0 and not co._busy
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+
+    asyncio.run(main())
+
+
+def test_callers_of_a_stopped_batch_get_the_stopped_error_when_one_is_given() -> None:
+    async def main() -> None:
+        sender = Sender()
+        sender.gate.clear()
+        co: Coalescer[Item, int] = Coalescer(
+            sender, key=lambda i: i[0], max_batch=8, lanes=1, stopped=lambda: OSError("closed")
+        )
+        stuck = asyncio.create_task(co.submit(("a", 1)))
+        await until(lambda: sender.in_flight == 1)
+        await co.idle(cancel_after=0.01)
+        with pytest.raises(OSError, match="closed"):
+            await stuck
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize(("max_batch", "lanes"), [(0, 1), (1, 0)])
 def test_bounds_below_one_are_refused(max_batch: int, lanes: int) -> None:
     with pytest.raises(ValueError, match="at least 1"):
