@@ -417,7 +417,13 @@ fault(
             "update_claimed_run_status",
             "claimed_at = CASE WHEN %(status)s::text = 'running' THEN runs.claimed_at END,",
             "claimed_at = runs.claimed_at,",
-        )
+        ),
+        # The same statement for a batch of concurrent callers (coalesce.py).
+        Patch(
+            "update_claimed_run_statuses",
+            "claimed_at = CASE WHEN batch.status = 'running' THEN runs.claimed_at END,",
+            "claimed_at = runs.claimed_at,",
+        ),
     ],
     caught_by={
         "lease_fields.cleared_by_update_claimed_completed",
@@ -495,7 +501,12 @@ fault(
             "save_step_result",
             "\n  AND steps.status NOT IN ('completed', 'completed-early', 'skipped');",
             ";",
-        )
+        ),
+        Patch(
+            "save_step_results",
+            "\n  AND steps.status NOT IN ('completed', 'completed-early', 'skipped')\nRETURNING",
+            "\nRETURNING",
+        ),
     ],
     caught_by={
         "checkpoints.completed_kept_without_lease",
@@ -513,7 +524,12 @@ fault(
             "save_step_result",
             "AND status = 'running' AND lease_id = %(lease_id)s::text",
             "AND status = 'running'",
-        )
+        ),
+        Patch(
+            "save_step_results",
+            "AND status = 'running' AND lease_id = b.lease_id",
+            "AND status = 'running'",
+        ),
     ],
     caught_by={"leases.fencing_save_step_result", "steps.stale_lease_refused"},
 )
