@@ -9,8 +9,10 @@ share batches). Answers and stored rows must be the same.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,12 @@ pytestmark = pytest.mark.postgres
 pg_dsn = postgres_fixtures.pg_dsn
 LEASE = 30_000
 RUNS = 12
+
+
+def fresh_storage(dsn: str, *, drop_on_close: bool = True) -> PostgresStorage:
+    """An adapter on a schema of its own, dropped when it closes (by default)."""
+    schema = f"reflow_co_{uuid.uuid4().hex[:12]}"
+    return PostgresStorage(dsn, schema=schema, drop_schema_on_close=drop_on_close)
 
 
 def new_run(run_id: str) -> WorkflowRun:
@@ -75,9 +83,7 @@ async def both_ways(
     answers, tables = [], []
     storages: list[PostgresStorage] = []
     for concurrent in (False, True):
-        storage = PostgresStorage(
-            dsn, schema=f"reflow_co_{id(storages)}_{len(storages)}", drop_schema_on_close=True
-        )
+        storage = fresh_storage(dsn)
         storages.append(storage)
         await storage.initialize()
         calls = scenario(storage, await claimed(storage))
@@ -182,16 +188,27 @@ async def blocked_backend(dsn: str, storage: PostgresStorage) -> int:
                 await asyncio.sleep(0.01)
 
 
+@contextlib.asynccontextmanager
+async def run_locked(
+    dsn: str, storage: PostgresStorage, run_id: str
+) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """Hold ``run_id``'s row FOR UPDATE in a transaction of another connection, as an
+    operator's open transaction would (commit or roll back the yielded connection)."""
+    async with await psycopg.AsyncConnection.connect(dsn) as locker:
+        await locker.execute(
+            f"SELECT 1 FROM {storage.schema}.runs WHERE id = %s FOR UPDATE",
+            (run_id,),
+        )
+        yield locker
+
+
 def test_a_batch_waiting_on_a_row_lock_holds_up_only_its_own_calls(pg_dsn: str) -> None:
     async def main() -> None:
-        storage = PostgresStorage(pg_dsn, schema="reflow_co_lock", drop_schema_on_close=True)
+        storage = fresh_storage(pg_dsn)
         await storage.initialize()
         try:
             leases = await claimed(storage)
-            async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
-                await locker.execute(
-                    "SELECT 1 FROM reflow_co_lock.runs WHERE id = 'r00' FOR UPDATE"
-                )
+            async with run_locked(pg_dsn, storage, "r00") as locker:
                 save = storage.save_step_result(step("r00", "a"), leases["r00"])
                 stuck = asyncio.create_task(save)
                 await blocked_backend(pg_dsn, storage)
@@ -212,14 +229,11 @@ def test_a_batch_waiting_on_a_row_lock_holds_up_only_its_own_calls(pg_dsn: str) 
 
 def test_a_connection_lost_under_a_batch_fails_each_of_its_callers_once(pg_dsn: str) -> None:
     async def main() -> None:
-        storage = PostgresStorage(pg_dsn, schema="reflow_co_lost", drop_schema_on_close=True)
+        storage = fresh_storage(pg_dsn)
         await storage.initialize()
         try:
             leases = await claimed(storage)
-            async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
-                await locker.execute(
-                    "SELECT 1 FROM reflow_co_lost.runs WHERE id = 'r00' FOR UPDATE"
-                )
+            async with run_locked(pg_dsn, storage, "r00") as locker:
                 saves = [
                     storage.save_step_result(step(f"r{i:02}", "a"), leases[f"r{i:02}"])
                     for i in range(4)
@@ -232,7 +246,10 @@ def test_a_connection_lost_under_a_batch_fails_each_of_its_callers_once(pg_dsn: 
                 await locker.rollback()
             assert all(isinstance(r, StorageError) for r in results), results
             assert len({id(r) for r in results}) == len(results), "callers shared one error"
-            assert all(isinstance(r.__cause__, psycopg.Error) for r in results)
+            assert all(
+                isinstance(r, BaseException) and isinstance(r.__cause__, psycopg.Error)
+                for r in results
+            )
             # Nothing was written, and the adapter goes on with a fresh connection.
             assert await storage.get_step_results("r01") == []
             assert await storage.save_step_result(step("r01", "a"), leases["r01"]) is True
@@ -244,15 +261,13 @@ def test_a_connection_lost_under_a_batch_fails_each_of_its_callers_once(pg_dsn: 
 
 def test_close_cancels_a_batch_stuck_on_a_lock_and_its_callers_hear_why(pg_dsn: str) -> None:
     async def main() -> None:
-        storage = PostgresStorage(pg_dsn, schema="reflow_co_close", drop_schema_on_close=False)
+        # Not dropped by close(): DROP SCHEMA would wait for the lock this test holds.
+        storage = fresh_storage(pg_dsn, drop_on_close=False)
         storage.close_wait_s = 0.2
         await storage.initialize()
         try:
             leases = await claimed(storage)
-            async with await psycopg.AsyncConnection.connect(pg_dsn) as locker:
-                await locker.execute(
-                    "SELECT 1 FROM reflow_co_close.runs WHERE id = 'r00' FOR UPDATE"
-                )
+            async with run_locked(pg_dsn, storage, "r00") as locker:
                 save = storage.save_step_result(step("r00", "a"), leases["r00"])
                 stuck = asyncio.create_task(save)
                 await blocked_backend(pg_dsn, storage)
@@ -262,7 +277,6 @@ def test_close_cancels_a_batch_stuck_on_a_lock_and_its_callers_hear_why(pg_dsn: 
                     await stuck
                 await locker.rollback()
         finally:
-            await storage.close()
-            postgres_fixtures.drop_schema(pg_dsn, "reflow_co_close")
+            postgres_fixtures.drop_schema(pg_dsn, storage.schema)
 
     asyncio.run(main())
