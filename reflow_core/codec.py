@@ -50,6 +50,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime, timezone
 from typing import Any
@@ -484,9 +485,11 @@ def encoded_as(value: Any, data: bytes) -> Token[tuple[Any, bytes] | None]:
     return _known.set((value, data))
 
 
-def forget(token: Token[tuple[Any, bytes] | None]) -> None:
-    """End what :func:`encoded_as` declared (call in the same task, in a ``finally``)."""
-    _known.reset(token)
+forget: Callable[[Token[tuple[Any, bytes] | None]], None] = _known.reset
+"""End what :func:`encoded_as` declared (call in the same task, in a ``finally``).
+
+The context variable's own ``reset``: called after every checkpoint, with no Python
+frame of its own."""
 
 
 def encode(value: Any) -> bytes:

@@ -3,19 +3,47 @@
 Plain synchronous code with no clock and no awaits: :class:`MemoryStorage` calls it
 from inside its method bodies, so each call is part of one atomic adapter method.
 Outputs are held as codec bytes next to a copy of the row without its output.
+
+A kept row holds its status as the plain ``str`` value, not the enum member: msgspec
+leaves a Struct of untracked fields (str, int, None) untracked by the garbage collector,
+so each kept row is one object fewer for every later collection to walk (a store of
+10,000 runs holds 50,000 rows). :func:`as_record` gives the member back.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import msgspec
 
 from reflow_core.errors import StorageError
 from reflow_core.types import StepResult, StepStatus
 
-__all__ = ["StepTable"]
+__all__ = ["StepTable", "as_record"]
 
 _Stored = tuple[StepResult, bytes | None]
-"""A stored step row: the record with ``output=None``, and its encoded output."""
+"""A stored step row: the record with ``output=None`` (and a plain-``str`` status), and
+its encoded output."""
+
+_PLAIN: dict[Any, str] = {status: status.value for status in StepStatus}
+_MEMBER: dict[Any, StepStatus] = {status.value: status for status in StepStatus}
+
+
+def _kept(result: StepResult, created_at: int) -> StepResult:
+    """``result`` as the table keeps it: no output, the status as its plain ``str``."""
+    status: Any = result.status
+    if status.__class__ is StepStatus:
+        status = _PLAIN[status]
+    return msgspec.structs.replace(result, output=None, status=status, created_at=created_at)
+
+
+def as_record(row: StepResult, output: Any) -> StepResult:
+    """A kept row as the record a reader gets: its status a :class:`StepStatus` again
+    (one the enum does not know is left as stored), with ``output``."""
+    status: Any = row.status
+    if status.__class__ is str:
+        status = _MEMBER.get(status, status)
+    return msgspec.structs.replace(row, output=output, status=status)
 
 
 def _is_final(step: StepResult) -> bool:
@@ -78,10 +106,7 @@ class StepTable:
         ``existing`` is what :meth:`existing` answered, and must not be final.
         """
         created_at = result.created_at if existing is None else existing.created_at
-        self._rows.setdefault(result.run_id, {})[result.name] = (
-            msgspec.structs.replace(result, output=None, created_at=created_at),
-            output,
-        )
+        self._rows.setdefault(result.run_id, {})[result.name] = (_kept(result, created_at), output)
         self._ids[result.id] = (result.run_id, result.name)
 
     def upsert(self, result: StepResult, output: bytes | None, operation: str) -> bool:
@@ -113,10 +138,7 @@ class StepTable:
             created_at = row.created_at
         if steps is None:
             steps = self._rows[run_id] = {}
-        # The record is frozen, so one without an output can be kept as given.
-        if result.output is not None or result.created_at != created_at:
-            result = msgspec.structs.replace(result, output=None, created_at=created_at)
-        steps[name] = (result, output)
+        steps[name] = (_kept(result, created_at), output)
         if owner is None:
             self._ids[result.id] = (run_id, name)
         return True

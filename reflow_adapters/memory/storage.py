@@ -28,13 +28,11 @@ import bisect
 from collections.abc import Collection
 from typing import Any
 
-import msgspec
-
 from reflow_adapters.memory.claims import ClaimIndex, RunRow
 from reflow_adapters.memory.events import EventBuffers
 from reflow_adapters.memory.finished import FinishedIndex
 from reflow_adapters.memory.schedules import ScheduleTable
-from reflow_adapters.memory.steps import StepTable
+from reflow_adapters.memory.steps import StepTable, as_record
 from reflow_core import codec
 from reflow_core.damage import decode_stored
 from reflow_core.errors import StorageError
@@ -430,10 +428,7 @@ class MemoryStorage:
         """The run's step rows ordered by ``(created_at, id)``."""
         self._check_run_id(run_id)
         self._check("get_step_results")
-        return [
-            msgspec.structs.replace(step, output=_dec(data))
-            for step, data in self._steps.rows(run_id)
-        ]
+        return [as_record(step, _dec(data)) for step, data in self._steps.rows(run_id)]
 
     # -- events -------------------------------------------------------------
 

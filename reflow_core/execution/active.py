@@ -98,6 +98,14 @@ class ActiveRun(msgspec.Struct, eq=False):
         # Read on every write: the clock is kept from arm() rather than looked up each time.
         return self.clock() >= self.deadline
 
+    def guard(self) -> None:
+        """Raise :class:`LeaseExpiredError` if the lease fence has passed: no write may be
+        sent, and no step started, once this worker cannot be sure it still holds the run.
+        """
+        # fenced() as a raise: asked before every step and every write, in one call.
+        if self.clock() >= self.deadline:
+            raise LeaseExpiredError(self.run_id, FENCED)
+
     def fence_expired(self) -> None:
         """The fence timer fired: abort the run (called by :class:`FenceTimers`)."""
         self._fenced_at = None

@@ -14,7 +14,7 @@ import msgspec
 from reflow_core.context import CancelSignal, EarlyCompletion, StepContext
 from reflow_core.errors import ControlFlow, StepInterruptedError, StepTimeoutError
 from reflow_core.events import RetryScheduled
-from reflow_core.execution.run import describe_error
+from reflow_core.execution.run import RunContext, describe_error
 from reflow_core.types import ErrorInfo, StepStatus
 from reflow_core.workflow import StepUnit
 
@@ -82,16 +82,35 @@ def _in_thread(fn: Any, ctx: StepContext[Any]) -> Any:
         return _Raised(error)
 
 
-async def _attempt(
+def _begin(
     ex: RunExecution, unit: StepUnit, attempt: int, scope: set[CancelSignal] | None
-) -> Any:
-    ex.guard()  # never start a step once the lease fence has passed
+) -> RunContext:
+    """Start an attempt: check the lease fence, register the attempt's signal where a stop
+    (and ``scope``'s owner) finds it, and make the step's context. Pair with :func:`_end`
+    (passing ``ctx.cancel``) in a ``finally``."""
+    ex.active.guard()  # never start a step once the lease fence has passed
     signal = CancelSignal()
     ex.active.signals.add(signal)
     if scope is not None:
         scope.add(signal)
+    return RunContext(ex, unit.name, attempt, signal)
+
+
+def _end(ex: RunExecution, signal: CancelSignal, scope: set[CancelSignal] | None) -> None:
+    """End an attempt that :func:`_begin` started: nothing signals it any more."""
+    ex.active.signals.discard(signal)
+    if scope is not None:
+        scope.discard(signal)
+
+
+async def _attempt(
+    ex: RunExecution, unit: StepUnit, attempt: int, scope: set[CancelSignal] | None
+) -> Any:
+    """One attempt of a step with a timeout, a scope, or a thread (see :func:`run_attempts`
+    for the common case, which needs no coroutine of its own)."""
+    ctx = _begin(ex, unit, attempt, scope)
+    signal = ctx.cancel
     try:
-        ctx = ex.context(unit.name, attempt, signal)
         if unit.timeout is None:
             return await _invoke(ex, unit, ctx)
         timeout = asyncio.timeout(unit.timeout)
@@ -105,9 +124,7 @@ async def _attempt(
             signal.set(TimeoutError(str(error)))
             raise error from None
     finally:
-        ex.active.signals.discard(signal)
-        if scope is not None:
-            scope.discard(signal)
+        _end(ex, signal, scope)
 
 
 async def run_attempts(
@@ -132,20 +149,18 @@ async def run_attempts(
     """
     row = ex.rows.get(unit.name)
     attempt = row.attempts if row is not None and row.status is StepStatus.RUNNING else 0
-    # An async step without timeout or scope (the common case) is awaited right here.
+    # An async step without timeout or scope (the common case) is awaited right here,
+    # without a coroutine of its own.
     direct = unit.timeout is None and unit.is_async and scope is None
-    signals = ex.active.signals
     while True:
         attempt += 1
         try:
-            if direct:  # what _attempt does, without a frame of its own
-                ex.guard()  # never start a step once the lease fence has passed
-                signal = CancelSignal()
-                signals.add(signal)
+            if direct:
+                ctx = _begin(ex, unit, attempt, None)
                 try:
-                    value = await unit.fn(ex.context(unit.name, attempt, signal))
+                    value = await unit.fn(ctx)
                 finally:
-                    signals.discard(signal)
+                    _end(ex, ctx.cancel, None)
             else:
                 value = await _attempt(ex, unit, attempt, scope)
         except EarlyCompletion as done:

@@ -314,7 +314,7 @@ class RunExecution:
         row = self.step_row(
             name, status, output=output, error=error, attempts=attempts, wake_at=wake_at
         )
-        self.guard()
+        self.active.guard()
         known = None if encoded is None else codec.encoded_as(output, encoded)
         try:  # the common case, without building the retry machinery
             written = await self.storage.save_step_result(row, self.active.lease_id)
@@ -397,7 +397,7 @@ class RunExecution:
             await asyncio.sleep(delay)
             delay *= 2
         while True:
-            self.guard()
+            self.active.guard()
             try:
                 written = await call()
             except StorageError as exc:
@@ -420,12 +420,6 @@ class RunExecution:
                 except StorageError:
                     return False
             return written
-
-    def guard(self) -> None:
-        """Raise :class:`LeaseExpiredError` if the lease fence has passed: no write may be
-        sent once this worker cannot be sure it still holds the run."""
-        if self.active.fenced():
-            raise LeaseExpiredError(self.run.id, FENCED)
 
     def step_row(
         self,
@@ -558,7 +552,7 @@ class RunExecution:
         """Store the run's output and mark it completed (``encoded``: as in :meth:`save`)."""
         known = None if encoded is None else codec.encoded_as(output, encoded)
         try:
-            self.guard()
+            self.active.guard()
             try:  # the common case, without building the retry machinery
                 stored = await self.storage.update_claimed_run_status(
                     self.run.id, self.active.lease_id, _COMPLETED, output=output

@@ -29,7 +29,7 @@ async def suspend_until(
 ) -> Outcome:
     """Put the held run to sleep until ``wake_at`` (the store's clock, which read ``now``
     a moment ago) and arrange for this engine to wake then."""
-    ex.guard()
+    ex.active.guard()
     if not await ex.storage.sleep_run(ex.run.id, ex.lease_id, wake_at):
         raise LeaseExpiredError(ex.run.id, "the store refused to put it to sleep")
     # Without this the run would be noticed at the next poll, up to poll_interval late.

@@ -74,7 +74,7 @@ async def _consume(ex: RunExecution, unit: WaitUnit) -> Outcome | None:
     in which case nothing was consumed and the event waits for the run's next owner.
     """
     checkpoint = ex.step_row(unit.name, StepStatus.COMPLETED)
-    ex.guard()
+    ex.active.guard()
     result = await ex.storage.consume_event(unit.name, checkpoint, ex.lease_id)
     if not result.held:
         raise LeaseExpiredError(ex.run.id)
@@ -150,7 +150,7 @@ async def run_wait(ex: RunExecution, unit: WaitUnit) -> Outcome:
         return await _timed_out(ex, unit)
     if not resuming:
         await ex.save(unit.name, StepStatus.WAITING, wake_at=deadline)
-    ex.guard()
+    ex.active.guard()
     if not await ex.storage.wait_run(ex.run.id, ex.lease_id, unit.name, deadline):
         raise LeaseExpiredError(ex.run.id, "the store refused to suspend it")
     if deadline is not None:
