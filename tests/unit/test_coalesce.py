@@ -36,6 +36,14 @@ class Sender:
             self.in_flight -= 1
         return [ValueError(key) if value < 0 else value * 2 for key, value in items]
 
+    async def hold(self, co: Coalescer[Item, int], item: Item) -> asyncio.Task[int]:
+        """Submit ``item`` with the gate closed; return once its batch is in flight."""
+        self.gate.clear()
+        before = self.in_flight
+        task = asyncio.create_task(co.submit(item))
+        await until(lambda: self.in_flight > before)
+        return task
+
 
 def coalescer(sender: Sender, *, max_batch: int = 64, lanes: int = 1) -> Coalescer[Item, int]:
     return Coalescer(sender, key=lambda item: item[0], max_batch=max_batch, lanes=lanes)
@@ -174,10 +182,8 @@ def test_a_sender_that_raises_fails_every_caller_of_its_batch_and_the_next_batch
 def test_a_caller_cancelled_before_its_batch_left_is_never_sent() -> None:
     async def main() -> None:
         sender = Sender()
-        sender.gate.clear()
         co = coalescer(sender)
-        busy = asyncio.create_task(co.submit(("a", 1)))
-        await until(lambda: sender.in_flight == 1)
+        busy = await sender.hold(co, ("a", 1))
         dropped = asyncio.create_task(co.submit(("b", 2)))
         kept = asyncio.create_task(co.submit(("c", 3)))
         await until(lambda: len(co._queue) == 2)
@@ -212,10 +218,8 @@ def test_a_caller_cancelled_while_its_batch_is_out_leaves_the_others_answered() 
 def test_idle_waits_for_the_batch_in_flight() -> None:
     async def main() -> None:
         sender = Sender()
-        sender.gate.clear()
         co = coalescer(sender)
-        call = asyncio.create_task(co.submit(("a", 1)))
-        await until(lambda: sender.in_flight == 1)
+        call = await sender.hold(co, ("a", 1))
         idle = asyncio.create_task(co.idle())
         await asyncio.sleep(0)
         assert not idle.done()
@@ -229,10 +233,8 @@ def test_idle_waits_for_the_batch_in_flight() -> None:
 def test_cancelling_a_wait_for_idle_leaves_the_batch_in_flight_running() -> None:
     async def main() -> None:
         sender = Sender()
-        sender.gate.clear()
         co = coalescer(sender)
-        call = asyncio.create_task(co.submit(("a", 1)))
-        await until(lambda: sender.in_flight == 1)
+        call = await sender.hold(co, ("a", 1))
         idle = asyncio.create_task(co.idle())
         await asyncio.sleep(0)
         idle.cancel()
@@ -247,10 +249,8 @@ def test_cancelling_a_wait_for_idle_leaves_the_batch_in_flight_running() -> None
 def test_idle_cancels_a_batch_that_outlasts_cancel_after() -> None:
     async def main() -> None:
         sender = Sender()
-        sender.gate.clear()  # never set: the batch would wait forever
         co = coalescer(sender, lanes=2)
-        stuck = asyncio.create_task(co.submit(("a", 1)))
-        await until(lambda: sender.in_flight == 1)
+        stuck = await sender.hold(co, ("a", 1))  # never opened: the batch would wait forever
         await co.idle(cancel_after=0.05)
         assert sender.in_flight == 0 and not co._busy
         with pytest.raises(asyncio.CancelledError):
@@ -262,12 +262,10 @@ def test_idle_cancels_a_batch_that_outlasts_cancel_after() -> None:
 def test_callers_of_a_stopped_batch_get_the_stopped_error_when_one_is_given() -> None:
     async def main() -> None:
         sender = Sender()
-        sender.gate.clear()
         co: Coalescer[Item, int] = Coalescer(
             sender, key=lambda i: i[0], max_batch=8, lanes=1, stopped=lambda: OSError("closed")
         )
-        stuck = asyncio.create_task(co.submit(("a", 1)))
-        await until(lambda: sender.in_flight == 1)
+        stuck = await sender.hold(co, ("a", 1))
         await co.idle(cancel_after=0.01)
         with pytest.raises(OSError, match="closed"):
             await stuck
