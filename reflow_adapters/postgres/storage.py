@@ -755,25 +755,28 @@ class PostgresStorage:
 
     async def _end_runs(self, batch: Sequence[Mapping[str, Any]]) -> list[bool | BaseException]:
         """update_claimed_run_status for a batch of concurrent callers (not 'pending')."""
-        operation = "update_claimed_run_status"
         if len(batch) == 1:
-            return await self._one_by_one(
-                batch, lambda params: self._write(operation, _q(operation), params)
-            )
+            return await self._one_by_one(batch, self._end_run)
         params: dict[str, Any] = {
             **_columns(batch, "id", "lease_id", "status", "output", "error"),
             "now": self._now(),
         }
         try:
             rows, _ = await self._once_more(
-                operation, _q("update_claimed_run_statuses"), params, idempotent=False
+                "update_claimed_run_status",
+                _q("update_claimed_run_statuses"),
+                params,
+                idempotent=False,
             )
         except StorageError as exc:
-            return await self._after_batch_error(
-                exc, batch, lambda params: self._write(operation, _q(operation), params)
-            )
+            return await self._after_batch_error(exc, batch, self._end_run)
         written = {row["id"] for row in rows}
         return [params["id"] in written for params in batch]
+
+    async def _end_run(self, params: Mapping[str, Any]) -> bool:
+        """One run's update_claimed_run_status alone; ``True`` if it was written."""
+        operation = "update_claimed_run_status"
+        return await self._write(operation, _q(operation), params)
 
     async def requeue_run(self, run_id: str) -> bool:
         """A failed or cancelled run back to pending, dropping only its failed steps."""

@@ -102,8 +102,7 @@ class ActiveRun(msgspec.Struct, eq=False):
         """Raise :class:`LeaseExpiredError` if the lease fence has passed: no write may be
         sent, and no step started, once this worker cannot be sure it still holds the run.
         """
-        # fenced() as a raise: asked before every step and every write, in one call.
-        if self.clock() >= self.deadline:
+        if self.fenced():
             raise LeaseExpiredError(self.run_id, FENCED)
 
     def fence_expired(self) -> None:

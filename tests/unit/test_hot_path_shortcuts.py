@@ -134,16 +134,21 @@ def _row(run_id: str, name: str, status: StepStatus, *, at: int, step_id: str = 
     )
 
 
+async def _held_memory_run() -> tuple[MemoryStorage, str]:
+    """A memory store with run ``r`` of workflow ``w`` claimed; its lease id."""
+    storage = MemoryStorage(clock=lambda: 1_000)
+    run = WorkflowRun(
+        id="r", workflow="w", input=None, status=RunStatus.PENDING, created_at=1, updated_at=1
+    )
+    await storage.create_run(run)
+    claimed = await storage.claim_next_run(["w"], lease_ms=10_000)
+    assert claimed is not None
+    return storage, claimed.lease_id
+
+
 def test_memory_checkpoint_keeps_identity_write_once_and_name_checks() -> None:
     async def scenario() -> None:
-        storage = MemoryStorage(clock=lambda: 1_000)
-        run = WorkflowRun(
-            id="r", workflow="w", input=None, status=RunStatus.PENDING, created_at=1, updated_at=1
-        )
-        await storage.create_run(run)
-        claimed = await storage.claim_next_run(["w"], lease_ms=10_000)
-        assert claimed is not None
-        lease = claimed.lease_id
+        storage, lease = await _held_memory_run()
         assert await storage.save_step_result(_row("r", "a", StepStatus.RUNNING, at=5), lease)
         # A known row again: created_at kept, the output stored, then final for good.
         assert await storage.save_step_result(_row("r", "a", StepStatus.COMPLETED, at=9), lease)
@@ -233,3 +238,33 @@ def test_the_fence_reads_the_loops_own_clock() -> None:
         loop.run_until_complete(check(shifted=True))
     finally:
         loop.close()
+
+
+def test_memory_checkpoint_skips_the_id_scan_only_for_the_engines_own_id() -> None:
+    # Only ``<run id>/<name>`` of a stored run and a name already found valid skips the
+    # character scan of the step id; every other id is still checked in full.
+    async def scenario() -> None:
+        storage, lease = await _held_memory_run()
+        assert await storage.save_step_result(_row("r", "a", StepStatus.RUNNING, at=1), lease)
+        # Known name, but an id of another form: scanned, and refused when invalid.
+        for bad in ("r/a\x00", "r\x00a", "x" * 601, "\ud800"):
+            with pytest.raises(InvalidIdentifierError, match="step id"):
+                await storage.save_step_result(
+                    _row("r", "a", StepStatus.RUNNING, at=2, step_id=bad), lease
+                )
+        # Another valid form is fine (ids are the caller's), as is the engine's own.
+        custom = _row("r", "b", StepStatus.RUNNING, at=3, step_id="custom:1")
+        assert await storage.save_step_result(custom, lease)
+        assert await storage.save_step_result(_row("r", "c", StepStatus.RUNNING, at=4), lease)
+
+        class Name(str):
+            pass
+
+        # A str subclass equal to a known name is still checked (and passes when valid).
+        subclassed = _row("r", Name("d"), StepStatus.RUNNING, at=5, step_id="r/d")
+        assert await storage.save_step_result(subclassed, lease)
+        names = sorted(step.name for step in await storage.get_step_results("r"))
+        assert names == ["a", "b", "c", "d"]
+        await storage.close()
+
+    asyncio.run(scenario())
