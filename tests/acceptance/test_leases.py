@@ -460,7 +460,10 @@ def test_stop_keeps_the_lease_while_a_def_step_runs(setup: Setup) -> None:
     s2 = by_step(setup.executions(run_id))["s2"]
     assert [e.pid for e in s2] == [a.pid, b.pid]
     assert s2[0].finished_ns is not None and s2[0].finished_ns < s2[1].started_ns
-    [(claimed_at, _)] = b.matching(rf"^CLAIM {run_id} ")
+    # When B's claim came back (its send stamp cannot order it against A's release: a
+    # claim sent a moment before the release can wait for the store's lock and take the
+    # run after it).
+    [(claimed_at, _)] = b.matching(rf"^CLAIMED {run_id}$")
     assert claimed_at > s2[0].finished_ns, "claimed before A's step returned"
     assert not [m.string for _, m in a.matching(rf"^WRITE \S+ {run_id} s2 ")], "A wrote s2"
     # Released as soon as the step returned (not left to expire): a handover, not a
@@ -473,5 +476,5 @@ def test_stop_keeps_the_lease_while_a_def_step_runs(setup: Setup) -> None:
     print(
         f"\nA renewed for {2 * LEASE_S:g}s while stopping; released the run "
         f"{(released_at - s2[0].finished_ns) / 1e9:.3f}s after s2 returned; B claimed it "
-        f"{(claimed_at - released_at) / 1e9:.3f}s later"
+        f"{(claimed_at - released_at) / 1e9:.3f}s later (answer)"
     )

@@ -12,7 +12,10 @@ call was *sent*. The harness strips that stamp off into ``WorkerProcess.stamps``
 
 * ``READY <pid>`` once the engine has started claiming, ``STOPPING <pid>`` when a signal
   asked it to stop, ``STOPPED <pid>`` once it has;
-* ``CLAIM <run> <lease> <attempt> <recoveries> <holder>`` for each claim, from a storage
+* ``CLAIM <run> <lease> <attempt> <recoveries> <holder>`` for each claim (stamped when the
+  claim was sent) and ``CLAIMED <run>`` stamped when its answer came back (a claim sent
+  just before another process's release can wait for the store's lock and take the run
+  after it: only the answer's stamp orders the two), from a storage
   wrapper that also logs ``WRITE <operation> <run> <detail> <lease> -> <True|False>``
   (``WRITE save_step_result <run> <step> <lease> <status> -> ...``) for every
   lease-checked write and ``HEARTBEAT <run> <lease> -> False`` when a heartbeat
@@ -349,6 +352,7 @@ class LoggingStorage:
             emit(
                 "CLAIM", run.id, _lease(claimed.lease_id), run.attempt, run.recoveries, who, at=sent
             )
+            emit("CLAIMED", run.id)
         return claimed
 
     async def claim_runs(
@@ -366,12 +370,14 @@ class LoggingStorage:
         batch = await self._inner.claim_runs(
             workflow_names, lease_ms=lease_ms, holder=holder, limit=limit
         )
+        answered = time.time_ns()
         for claimed in batch:
             run = claimed.run
             who = "-" if run.holder is None else run.holder.worker
             emit(
                 "CLAIM", run.id, _lease(claimed.lease_id), run.attempt, run.recoveries, who, at=sent
             )
+            emit("CLAIMED", run.id, at=answered)
         return batch
 
     async def heartbeat_run(self, run_id: str, lease_id: str) -> bool:
